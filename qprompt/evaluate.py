@@ -1,0 +1,113 @@
+"""Scoring a model (with or without a soft prompt) on rows of a task, and the task metrics.
+
+Classification never generates: each label's verbalized tokens are scored by log-likelihood and
+the best label wins, so a prediction is always a valid label. Generation decodes greedily.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import RecipeConfig
+from .data import Encoder, Example, batches, collate
+from .methods import next_token_logprobs, target_logprobs, virtual_tokens
+
+
+@torch.no_grad()
+def classify(model, encoder: Encoder, examples: list[Example], batch_size: int = 32,
+             single_pass: bool | None = None) -> list[str]:
+    """The most likely label for each example (sum of its tokens' log-probabilities)."""
+    labels = list(encoder.label_ids)
+    candidates = [encoder.label_ids[lab] for lab in labels]
+    pad = encoder.tokenizer.pad_token_id
+    # Shortest first: batches of similar length waste little compute on padding.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    scores = torch.empty(len(examples), len(labels))
+    single_token = all(len(c) == 1 for c in candidates) if single_pass is None else single_pass
+    for chunk_start, chunk in _enumerate_batches(examples, batch_size, order):
+        if single_token:  # one pass scores every label at once
+            batch = collate(chunk, pad, with_target=False)
+            logprobs = next_token_logprobs(model, batch["input_ids"].to(model.device),
+                                           batch["attention_mask"].to(model.device))
+            chunk_scores = logprobs[:, [c[0] for c in candidates]].cpu()
+        else:  # each (example, label) pair is its own row
+            pairs = [Example(e.prompt_ids, c, None) for e in chunk for c in candidates]
+            batch = {k: v.to(model.device) for k, v in collate(pairs, pad).items()}
+            chunk_scores = target_logprobs(model, batch)[0].view(len(chunk), len(labels)).cpu()
+        idx = order[chunk_start : chunk_start + len(chunk)]
+        scores[idx] = chunk_scores.float()
+    return [labels[i] for i in scores.argmax(dim=1).tolist()]
+
+
+def _enumerate_batches(examples, size, order):
+    start = 0
+    for chunk in batches(examples, size, order):
+        yield start, chunk
+        start += len(chunk)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64) -> list[str]:
+    """Greedy continuation of each prompt, one at a time (no padding, so positions are exact)."""
+    out = []
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=model.device)
+        generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True).strip())
+    return out
+
+
+def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict:
+    n = len(references)
+    correct = sum(p == r for p, r in zip(predictions, references))
+    f1s = []
+    for lab in labels:
+        tp = sum(p == lab and r == lab for p, r in zip(predictions, references))
+        fp = sum(p == lab and r != lab for p, r in zip(predictions, references))
+        fn = sum(p != lab and r == lab for p, r in zip(predictions, references))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "rows": n}
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens (longest common subsequence)."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def main_metric(recipe: RecipeConfig) -> str:
+    return "accuracy" if recipe.task == "classification" else "rouge_l"
+
+
+def evaluate(model, tokenizer, recipe: RecipeConfig, rows: list[dict], where: str = "data",
+             hard_prompt: bool = False, batch_size: int = 32) -> dict:
+    """Task metrics of `model` on `rows`; `hard_prompt` puts the recipe's instruction in front."""
+    encoder = Encoder(recipe, tokenizer, virtual_tokens(model))
+    examples = encoder.encode_all(rows, where, hard_prompt=hard_prompt)
+    start = time.perf_counter()
+    if recipe.task == "classification":
+        predictions = classify(model, encoder, examples, batch_size)
+        metrics = classification_metrics(predictions, [e.label for e in examples], list(recipe.labels))
+    else:
+        predictions = generate_texts(model, tokenizer, [e.prompt_ids for e in examples])
+        scores = [rouge_l(p, e.label) for p, e in zip(predictions, examples)]
+        metrics = {"rouge_l": sum(scores) / len(scores), "rows": len(scores)}
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    metrics["predictions"] = predictions
+    return metrics

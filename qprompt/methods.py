@@ -1,0 +1,106 @@
+"""Soft-prompt methods, built on PEFT, and the one forward pass qprompt trains and scores with.
+
+PEFT owns the prompt parameters, their initialisation and the adapter files, so every artifact
+stays loadable with `PeftModel.from_pretrained`. What qprompt adds is the forward pass: it runs
+the frozen decoder on [virtual tokens; real tokens] and applies the LM head only at the positions
+whose next token is scored, instead of over the whole vocabulary at every position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+from .config import MethodConfig, RecipeConfig
+from .errors import QPromptError
+
+METHODS = ("prompt-tuning",)
+
+
+def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
+    """The PEFT config for `method` (the recipe supplies the default init text)."""
+    if method.name not in METHODS:
+        raise QPromptError(f"unknown method {method.name!r}: use one of {', '.join(METHODS)}")
+    init = {"text": PromptTuningInit.TEXT, "vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
+    text = method.init_text or recipe.template.instruction
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=method.virtual_tokens,
+        prompt_tuning_init=init[method.init],
+        prompt_tuning_init_text=text if method.init == "text" else None,
+        tokenizer_name_or_path=tokenizer_path if method.init == "text" else None,
+    )
+
+
+def add_soft_prompt(model, recipe: RecipeConfig, tokenizer_path: str, seed: int = 0) -> PeftModel:
+    """Wrap a frozen base model with a freshly initialised soft prompt."""
+    torch.manual_seed(seed)  # vocab and random init draw from torch's generator
+    return get_peft_model(model, peft_config(recipe.method, recipe, tokenizer_path))
+
+
+def load_soft_prompt(model, folder: str | Path) -> PeftModel:
+    """A saved soft prompt on `model`, for inference."""
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise QPromptError(f"could not load the soft prompt in {folder} ({str(exc).splitlines()[0]})") from exc
+
+
+def restore_soft_prompt(model: PeftModel, folder: str | Path) -> PeftModel:
+    """Load saved prompt weights into a trainable PEFT model (PEFT cannot reload prompts as trainable)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(Path(folder) / "adapter_model.safetensors"))
+    return model
+
+
+def virtual_tokens(model) -> int:
+    return model.active_peft_config.num_virtual_tokens if isinstance(model, PeftModel) else 0
+
+
+def base_of(model):
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of the real tokens (B, L, H), with the soft prompt (if any) in front."""
+    base = base_of(model)
+    embeds = base.get_input_embeddings()(input_ids)
+    n_virtual = virtual_tokens(model)
+    if n_virtual:
+        prompts = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+        embeds = torch.cat([prompts, embeds], dim=1)
+        ones = attention_mask.new_ones((input_ids.shape[0], n_virtual))
+        attention_mask = torch.cat([ones, attention_mask], dim=1)
+    out = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state[:, n_virtual:]
+
+
+def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the target tokens: (sum per row, number of target tokens per row)."""
+    labels = batch["labels"]
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    # Position t predicts token t+1: score hidden[:, t] against labels[:, t+1], only where it is a target.
+    wanted = labels[:, 1:] != -100
+    head = base_of(model).get_output_embeddings()
+    logits = head(hidden[:, :-1][wanted]).float()
+    picked = torch.log_softmax(logits, dim=-1).gather(1, labels[:, 1:][wanted].unsqueeze(1)).squeeze(1)
+    per_row = torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device)
+    row_index = wanted.nonzero()[:, 0]
+    per_row = per_row.index_add(0, row_index, picked)
+    return per_row, wanted.sum(dim=1)
+
+
+def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the vocabulary of the token after each row's last real token (B, V)."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    last = attention_mask.sum(dim=1) - 1
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return torch.log_softmax(base_of(model).get_output_embeddings()(h).float(), dim=-1)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

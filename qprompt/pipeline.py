@@ -1,0 +1,70 @@
+"""The main job, as one function: train a recipe's soft prompt, then score it and the hard-prompt
+baseline on the same held-out rows. Recipe scripts call this; so can your own code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .artifact import MANIFEST, load_artifact, read_manifest
+from .config import RecipeConfig
+from .data import load_splits, read_rows
+from .evaluate import evaluate, main_metric
+from .models import load_model
+from .train import train
+
+log = logging.getLogger("qprompt")
+
+
+def train_and_compare(recipe: RecipeConfig, output: str | Path, data: str | None = None,
+                      eval_data: str | None = None, test_data: str | None = None, resume: bool = False,
+                      overwrite: bool = False, compute_dtype: str | None = None, device: str | None = None,
+                      test_limit: int | None = None) -> dict:
+    """Returns {"baseline": metrics, "soft_prompt": metrics, "training": ...} on the test rows.
+
+    A finished artifact already in `output` is evaluated again rather than retrained (unless
+    `overwrite`), so running the main job twice never throws away a trained prompt.
+    """
+    output = Path(output)
+    splits = load_splits(recipe, data, eval_data)
+    if test_data:
+        test = read_rows(test_data)
+    elif "test" in splits:
+        test = splits["test"]
+    else:  # user files without a test file: score on the validation rows, and say so
+        log.warning("no test rows given (--test-data): reporting on the validation rows")
+        test = splits["validation"]
+    test = test[:test_limit] if test_limit else test
+    where = test_data or f"{recipe.name} test rows"
+
+    model, tokenizer, info = load_model(recipe.model, recipe.quant, compute_dtype, device)
+    log.info("hard-prompt baseline on %d test rows", len(test))
+    baseline = evaluate(model, tokenizer, recipe, test, where, hard_prompt=True)
+
+    if (output / MANIFEST).is_file() and not overwrite and not resume:
+        log.info("%s already holds a trained soft prompt: evaluating it (pass --overwrite to train again)", output)
+    else:
+        log.info("training %s: %d rows, %d validation rows", recipe.method.name, len(splits["train"]),
+                 len(splits["validation"]))
+        train(recipe, model, tokenizer, info, splits, output, resume=resume, overwrite=overwrite)
+    del model
+    tuned_model, tokenizer, tuned_recipe, _ = load_artifact(output, recipe.model, recipe.quant, compute_dtype, device)
+    log.info("soft prompt on %d test rows", len(test))
+    tuned = evaluate(tuned_model, tokenizer, tuned_recipe, test, where)
+    return {"metric": main_metric(recipe), "baseline": baseline, "soft_prompt": tuned,
+            "training": read_manifest(output)["training"], "output": str(output)}
+
+
+def report_lines(result: dict) -> list[str]:
+    """A short table of the comparison, for printing."""
+    m = result["metric"]
+    t = result["training"]
+    return [
+        f"{'':<28}{m:>10}{'rows':>8}",
+        f"{'hard prompt (instruction)':<28}{result['baseline'][m]:>10.4f}{result['baseline']['rows']:>8}",
+        f"{'soft prompt (qprompt)':<28}{result['soft_prompt'][m]:>10.4f}{result['soft_prompt']['rows']:>8}",
+        f"training: {t['steps']} steps, {t['wall_seconds']:.0f} s wall ({t['seconds']:.0f} s in steps), "
+        f"{t['tokens_per_s']:.0f} tokens/s, {t['trainable_parameters']} trainable parameters; "
+        f"artifact: {result['output']}",
+    ]

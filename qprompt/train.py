@@ -1,0 +1,270 @@
+"""The training loop: AdamW on the soft prompt only, the base model frozen.
+
+Warm-up then cosine decay, gradient accumulation, periodic evaluation that keeps the best prompt,
+a metrics log and loss curve, and a checkpoint after every evaluation (written atomically) so an
+interrupted run continues with `--resume` exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifact import MANIFEST, manifest, write_json
+from .config import RecipeConfig
+from .data import Encoder, collate
+from .errors import QPromptError
+from .evaluate import evaluate, main_metric
+from .methods import add_soft_prompt, restore_soft_prompt, target_logprobs, trainable_parameters
+from .models import ModelInfo
+
+log = logging.getLogger("qprompt")
+CHECKPOINT = "checkpoint"
+OWN_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST, "metrics.jsonl", "loss.png", "README.md")
+
+
+def lr_lambda(cfg) -> callable:
+    """Linear warm-up to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked; refuse --resume with nothing to resume."""
+    has_run = (output / MANIFEST).exists() or (output / CHECKPOINT).exists() or (output / "metrics.jsonl").exists()
+    if resume:
+        if not _checkpoint_dir(output):
+            raise QPromptError(f"nothing to resume in {output}: it holds no checkpoint; run without --resume to start")
+        return
+    if has_run and not overwrite:
+        raise QPromptError(
+            f"{output} already holds a training run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --output"
+        )
+    if has_run:  # --overwrite: remove only what qprompt itself wrote there
+        for name in OWN_FILES:
+            (output / name).unlink(missing_ok=True)
+        for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".partial"):
+            shutil.rmtree(output / name, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def _checkpoint_dir(output: Path) -> Path | None:
+    # A kill between the two renames of save_checkpoint leaves only ".old": it is still complete.
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (output / name / "state.pt").is_file():
+            return output / name
+    return None
+
+
+def save_checkpoint(model, optimizer, scheduler, state: dict, output: Path) -> None:
+    partial, final, old = (output / f"{CHECKPOINT}{s}" for s in (".partial", "", ".old"))
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, **state},
+               partial / "state.pt")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(model, output: Path) -> None:
+    """Put the current prompt at the artifact's top level (file by file, each replace atomic)."""
+    tmp = output / ".best.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        if f.is_file():
+            os.replace(f, output / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plot_loss(output: Path) -> None:
+    """loss.png from metrics.jsonl: training loss per step and the validation metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+    evals = [(r["step"], r["eval"]) for r in lines if "eval" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="training loss", color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (target tokens)")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:orange", label="validation metric")
+        ax2.set_ylabel("validation metric")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title(output.name)
+    fig.tight_layout()
+    fig.savefig(output / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[str, list[dict]], output: str | Path,
+          resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train the recipe's soft prompt on `model`; writes the artifact to `output`, returns its manifest."""
+    output = Path(output)
+    prepare_output(output, resume, overwrite)
+    cfg = recipe.train
+    state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0, "seconds": 0.0,
+             "wall_seconds": 0.0, "recipe_digest": recipe.digest(), "fingerprint": info.fingerprint}
+    wall_start = time.perf_counter()
+    if resume:
+        ckpt = _checkpoint_dir(output)
+        saved = torch.load(ckpt / "state.pt", weights_only=False)
+        if saved["recipe_digest"] != recipe.digest():
+            raise QPromptError(f"{output} was trained with different settings; resume with the same recipe and "
+                               "options (only --max-steps may change), or train into a new --output")
+        if saved["fingerprint"] != info.fingerprint:
+            raise QPromptError(f"{output} was trained on another base model; resume with the same --model")
+    else:
+        saved = None
+    model = add_soft_prompt(model, recipe, info.path, cfg.seed)
+    if saved is not None:
+        restore_soft_prompt(model, ckpt)
+
+    encoder = Encoder(recipe, tokenizer, recipe.method.virtual_tokens)
+    train_examples = encoder.encode_all(splits["train"], "training data")
+    val_rows = splits["validation"][: cfg.eval_rows or None]
+    encoder.check_rows(val_rows, "validation data")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        random.setstate(saved["rng"]["python"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        state.update({k: saved[k] for k in state})
+        wall_start -= state["wall_seconds"]
+        log.info("resuming at step %d of %d", state["step"], cfg.max_steps)
+
+    batch_size = min(cfg.batch_size, len(train_examples))
+    metric_name = main_metric(recipe)
+    metrics_file = open(output / "metrics.jsonl", "a")
+    pad = tokenizer.pad_token_id
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch: int) -> list[int]:
+        """A shuffled order in which each run of batch_size rows has similar lengths (less padding)."""
+        rng = random.Random(cfg.seed * 1000 + epoch)
+        order = list(range(len(train_examples)))
+        rng.shuffle(order)
+        size, pool = batch_size, batch_size * 32
+        groups = []
+        for start in range(0, len(order), pool):  # sort within pools of 32 batches, then shuffle the batches
+            chunk = sorted(order[start : start + pool], key=lambda i: len(train_examples[i].prompt_ids))
+            groups += [chunk[j : j + size] for j in range(0, len(chunk) - size + 1, size)]
+        rng.shuffle(groups)  # a last partial batch is dropped; the next epoch's shuffle covers its rows
+        return [i for g in groups for i in g]
+
+    def next_batch():
+        order = epoch_order(state["epoch"])
+        if state["position"] + batch_size > len(order):
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            order = epoch_order(state["epoch"])
+        picked = order[state["position"] : state["position"] + batch_size]
+        state["position"] += batch_size
+        return collate([train_examples[i] for i in picked], pad)
+
+    def run_eval() -> float:
+        model.eval()
+        result = evaluate(model, tokenizer, recipe, val_rows, "validation data")
+        model.train()
+        value = result[metric_name]
+        record = {"step": state["step"], "eval": value, "metric": metric_name, "rows": len(val_rows)}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if state["best"] is None or value > state["best"]:
+            state["best"], state["best_step"] = value, state["step"]
+            save_best(model, output)
+        return value
+
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not progress, desc="train", unit="step")
+    window_tokens, window_start, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
+    resume_at = (state["epoch"], state["position"])
+    try:
+        while state["step"] < cfg.max_steps:
+            step_start = time.perf_counter()
+            resume_at = (state["epoch"], state["position"])  # where an interrupted step restarts
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(model.device) for k, v in next_batch().items()}
+                logp, counts = target_logprobs(model, batch)
+                loss = -logp.sum() / counts.sum()
+                (loss / cfg.grad_accum).backward()
+                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                n_tokens = int(batch["attention_mask"].sum())  # real tokens; virtual ones are not data
+                window_tokens += n_tokens
+                state["tokens"] += n_tokens
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["seconds"] += time.perf_counter() - step_start
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": state["step"], "loss": round(loss_sum / loss_n, 5),
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1)}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_tokens, window_start, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
+            at_eval = cfg.eval_every and state["step"] % cfg.eval_every == 0
+            if at_eval or state["step"] == cfg.max_steps:
+                value = run_eval()
+                bar.write(f"step {state['step']}: validation {metric_name} {value:.4f} (best {state['best']:.4f})")
+                state["wall_seconds"] = time.perf_counter() - wall_start
+                save_checkpoint(model, optimizer, scheduler, state, output)
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+    except KeyboardInterrupt:
+        state["epoch"], state["position"] = resume_at
+        optimizer.zero_grad(set_to_none=True)
+        state["wall_seconds"] = time.perf_counter() - wall_start
+        save_checkpoint(model, optimizer, scheduler, state, output)
+        metrics_file.close()
+        plot_loss(output)
+        raise QPromptError(f"interrupted at step {state['step']}; checkpoint saved in {output}/{CHECKPOINT}: "
+                           "continue with --resume") from None
+    finally:
+        bar.close()
+    metrics_file.close()
+    plot_loss(output)
+
+    training = {"steps": state["step"], "best_step": state["best_step"], "seconds": round(state["seconds"], 1),
+                "wall_seconds": round(time.perf_counter() - wall_start, 1),
+                "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+                "trainable_parameters": trainable_parameters(model), "train_rows": len(train_examples),
+                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+    metrics = {f"validation_{metric_name}": state["best"], "validation_rows": len(val_rows)}
+    data = manifest(info, recipe, metrics, training)
+    write_json(output / MANIFEST, data)
+    return data

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random-weight Llama with a real (small) BPE tokenizer, and real data slices.
+
+The tiny model is built from a config, so no weights are downloaded; its tokenizer is trained on the
+test data itself in well under a second. Data comes from ../shared/data beside the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("QPROMPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_rows(task: str, split: str, n: int) -> list[dict]:
+    path = SHARED_DATA / task / f"{split}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set QPROMPT_SHARED_DATA)")
+    rows = []
+    with open(path) as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's cache from a test."""
+    monkeypatch.setenv("QPROMPT_CACHE", str(tmp_path_factory.getbasetemp() / "qprompt-cache"))
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with a 600-token BPE vocabulary, saved as a local model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    texts = [r["text"] for r in shared_rows("rotten_tomatoes", "train", 2000)]
+    texts += [f"{r['premise']} {r['hypothesis']}" for r in shared_rows("snli", "train", 500)]
+    texts += ["Review: Sentiment: positive negative entailment neutral contradiction spam ham"] * 10
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", model_max_length=256)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("sentiment-data")
+    return {
+        "train": write_jsonl(folder / "train.jsonl", shared_rows("rotten_tomatoes", "train", 96)),
+        "validation": write_jsonl(folder / "validation.jsonl", shared_rows("rotten_tomatoes", "validation", 24)),
+        "test": write_jsonl(folder / "test.jsonl", shared_rows("rotten_tomatoes", "test", 32)),
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir):
+    """The real sentiment recipe, shrunk to a few fast steps on the tiny model."""
+    from qprompt.config import load_recipe, override
+
+    return override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none",
+                    method__virtual_tokens=4, train__max_steps=6, train__batch_size=8, train__lr=0.1,
+                    train__eval_every=3, train__eval_rows=16, train__log_every=1, train__warmup_steps=1)

@@ -1,0 +1,99 @@
+"""The CLI end to end on the tiny model, and the one-line errors it gives for bad input."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qprompt.cli import main
+from tests.conftest import write_jsonl
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_error(result, text):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and text in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+TRAIN = ["--virtual-tokens", 4, "--max-steps", 4, "--batch-size", 8, "--eval-every", 2, "--lr", 0.1, "--quant", "nf4"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, sentiment_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "art"
+    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
+                 "--eval-data", sentiment_files["validation"], "--output", out, *TRAIN)
+    assert result.exit_code == 0, result.output
+    assert f"saved soft prompt to {out} (accuracy" in result.output
+    return out
+
+
+def test_eval_artifact_and_baseline(artifact, tiny_model_dir, sentiment_files, tmp_path):
+    report = tmp_path / "m.json"
+    result = run("eval", artifact, "--data", sentiment_files["test"], "--json", report)
+    assert result.exit_code == 0, result.output
+    assert f"soft prompt {artifact}: accuracy" in result.output and "(32 rows" in result.output
+    data = json.loads(report.read_text())
+    assert len(data["predictions"]) == 32 and set(data["predictions"]) <= {"positive", "negative"}
+    result = run("eval", "--baseline", "hard-prompt", "--model", tiny_model_dir, "--recipe", "sentiment",
+                 "--data", sentiment_files["test"], "--quant", "none", "--limit", 10)
+    assert result.exit_code == 0, result.output
+    assert "hard-prompt baseline" in result.output and "(10 rows" in result.output
+
+
+def test_generate(artifact):
+    result = run("generate", artifact, "--prompt", "a warm and funny film", "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] in ("label: positive", "label: negative")
+
+
+def test_recipes_listing():
+    result = run("recipes")
+    assert result.exit_code == 0 and result.output.startswith("sentiment")
+    shown = run("recipes", "sentiment")
+    assert "python recipes/sentiment.py" in shown.output
+
+
+def test_bad_input_gives_one_line_errors(artifact, tiny_model_dir, sentiment_files, tmp_path):
+    train = ["train", "--model", tiny_model_dir, "--recipe", "sentiment", *TRAIN]
+    assert_clean_error(run(*train, "--data", tmp_path / "none.jsonl"), "does not exist")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": "positive"}\n{"text": "broken"\n')
+    assert_clean_error(run(*train, "--data", bad), "line 2 is not valid JSON")
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "x", "label": "positive"}, {"text": "y", "label": "meh"}])
+    assert_clean_error(run(*train, "--data", wrong, "--eval-data", wrong, "--output", tmp_path / "o"),
+                       "row 2 has label 'meh'")
+    assert_clean_error(run("train", "--recipe", "nope"), "unknown recipe 'nope'")
+    assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", artifact), "already holds")
+    assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", tmp_path / "new", "--resume"),
+                       "nothing to resume")
+    assert_clean_error(run("eval", tmp_path, "--data", sentiment_files["test"]), "not a qprompt artifact")
+    assert_clean_error(run("eval", "--baseline", "hard-prompt", "--model", "no such model", "--data", bad),
+                       "unknown model")
+
+
+def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment_files, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 1
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    result = run("eval", artifact, "--model", other, "--data", sentiment_files["test"])
+    assert_clean_error(result, "was trained on")
+    assert f"pass --model {tiny_model_dir}" in result.output
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"    {ci_command}\n" in readme

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import qprompt.train as qtrain
+from qprompt.artifact import load_artifact, read_manifest
+from qprompt.data import load_splits
+from qprompt.errors import QPromptError
+from qprompt.models import load_model
+from qprompt.train import train
+
+
+def _run(recipe, files, output, quant="nf4", **kw):
+    model, tok, info = load_model(recipe.model, quant)
+    splits = load_splits(recipe, str(files["train"]), str(files["validation"]))
+    return train(recipe, model, tok, info, splits, output, progress=False, **kw)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_training_lowers_loss_and_writes_a_peft_artifact(tiny_recipe, sentiment_files, tmp_path, quant):
+    tiny_recipe.train.max_steps = 12
+    tiny_recipe.train.eval_every = 6
+    out = tmp_path / "run"
+    result = _run(tiny_recipe, sentiment_files, out, quant)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert [r["step"] for r in lines if "eval" in r] == [6, 12]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "qprompt.json", "loss.png"):
+        assert (out / name).is_file(), name
+    manifest = read_manifest(out)
+    assert manifest["base"]["quant"] == quant and manifest["method"] == "prompt-tuning"
+    assert manifest["labels"] == {"positive": "positive", "negative": "negative"}
+    assert manifest["training"]["trainable_parameters"] == 4 * 64  # virtual tokens x hidden size
+    assert manifest["metrics"] == result["metrics"] and 0 <= manifest["metrics"]["validation_accuracy"] <= 1
+
+    # PEFT itself loads the artifact, and it holds the best prompt.
+    base, _, _ = load_model(tiny_recipe.model, quant)
+    peft_model = PeftModel.from_pretrained(base, str(out))
+    saved = load_file(out / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight.detach(), saved)
+    # qprompt reloads it on the same base and gets identical logits.
+    reloaded, tok, recipe, _ = load_artifact(out)
+    ids = torch.tensor([tok("Review: fine\nSentiment:")["input_ids"]])
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    assert torch.equal(a, b) and recipe.name == "sentiment"
+
+
+def test_existing_output_is_not_overwritten(tiny_recipe, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    _run(tiny_recipe, sentiment_files, out, "none")
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(QPromptError, match="already holds a training run; pass --resume"):
+        _run(tiny_recipe, sentiment_files, out, "none")
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    (out / "notes.txt").write_text("mine")
+    _run(tiny_recipe, sentiment_files, out, "none", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only qprompt's own files
+
+
+def test_resume_with_nothing_to_resume(tiny_recipe, sentiment_files, tmp_path):
+    with pytest.raises(QPromptError, match="nothing to resume"):
+        _run(tiny_recipe, sentiment_files, tmp_path / "empty", "none", resume=True)
+
+
+def test_interrupted_run_resumes_to_the_same_prompt(tiny_recipe, sentiment_files, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    _run(tiny_recipe, sentiment_files, straight, "none")
+
+    calls = {"n": 0}
+    real = qtrain.target_logprobs
+
+    def flaky(model, batch):  # Ctrl-C during the 5th micro-batch, after the step-3 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    out = tmp_path / "interrupted"
+    with pytest.raises(QPromptError, match="interrupted at step 4.*--resume"):
+        _run(tiny_recipe, sentiment_files, out, "none")
+    assert (out / "checkpoint" / "state.pt").is_file() and not (out / "qprompt.json").exists()
+    monkeypatch.setattr(qtrain, "target_logprobs", real)
+    with pytest.raises(QPromptError, match="different settings"):
+        tiny_recipe.train.lr = 0.2
+        _run(tiny_recipe, sentiment_files, out, "none", resume=True)
+    tiny_recipe.train.lr = 0.1
+    _run(tiny_recipe, sentiment_files, out, "none", resume=True)
+    a = load_file(straight / "checkpoint" / "adapter_model.safetensors")["prompt_embeddings"]
+    b = load_file(out / "checkpoint" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.allclose(a, b, atol=1e-6)
+    assert read_manifest(out)["training"]["steps"] == 6
