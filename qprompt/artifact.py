@@ -33,7 +33,7 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def manifest(info: ModelInfo, recipe: RecipeConfig, metrics: dict, training: dict) -> dict:
+def manifest(info: ModelInfo, recipe: RecipeConfig, metrics: dict, training: dict, samples: list[dict]) -> dict:
     return {
         "format": FORMAT,
         "qprompt_version": __version__,
@@ -47,6 +47,7 @@ def manifest(info: ModelInfo, recipe: RecipeConfig, metrics: dict, training: dic
         "recipe_digest": recipe.digest(),
         "metrics": metrics,
         "training": training,
+        "samples": samples,  # a few validation rows: export checks its graph against PyTorch on them
     }
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from .errors import QPromptError
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
+from .runtime import ExportError
 
 log = logging.getLogger("qprompt")
 
@@ -42,7 +44,10 @@ class QPromptCommand(_FriendlyErrors, click.Command):
 
 
 def quiet_libraries() -> None:
-    logging.basicConfig(level=logging.INFO, format="qprompt: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="qprompt: %(message)s")
+    log.setLevel(logging.INFO)
+    # PEFT calls a transformers method that warns about its own deprecation on every load.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -145,6 +150,10 @@ def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dt
     from .models import load_model
 
     quiet_libraries()
+    if artifact and (Path(artifact) / "qprompt-export.json").is_file():
+        if baseline or model_name or quant:
+            raise QPromptError("an export folder carries its own model and prompt: drop --baseline/--model/--quant")
+        return _eval_export(artifact, data, limit, batch_size, json_out)
     if (artifact is None) == (baseline is None):
         raise QPromptError("pass an ARTIFACT folder to score a soft prompt, or --baseline hard-prompt --recipe NAME")
     if baseline:
@@ -162,6 +171,123 @@ def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dt
     click.echo(f"{what}: {shown}  ({metrics['rows']} rows, {metrics['seconds']:.0f} s)")
     if json_out:
         Path(json_out).write_text(json.dumps({"what": what, **metrics}, indent=1) + "\n")
+
+
+def _eval_export(folder, data, limit, batch_size, json_out):
+    """`qprompt eval EXPORT_DIR`: the same report, computed by ONNX Runtime."""
+    import time
+
+    from .data import read_rows
+    from .metrics import classification_metrics, rouge_l
+    from .runtime import Sampling
+
+    if data is None:
+        raise QPromptError("scoring an export needs --data FILE with the recipe's fields and labels")
+    model = _open_export(folder)
+    rows = read_rows(data)[:limit]
+    m = model.manifest
+    label_field = m["label_field"]
+    start = time.perf_counter()
+    missing = next((i for i, r in enumerate(rows, 1) if label_field not in r), None)
+    if missing:
+        raise QPromptError(f"{data}: row {missing} has no field {label_field!r}; fix the data")
+    refs = [str(r[label_field]) for r in rows]
+    try:
+        if m["task"] == "classification":
+            unknown = next((x for x in refs if x not in m["label_targets"]), None)
+            if unknown is not None:
+                raise QPromptError(f"{data}: label {unknown!r} is not one of {', '.join(m['label_targets'])}")
+            preds = model.classify(rows, batch_size=batch_size)
+            metrics = classification_metrics(preds, refs, list(m["label_targets"]))
+        else:
+            preds = model.generate(rows, Sampling(max_new_tokens=64))
+            metrics = {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
+    except ExportError as exc:
+        raise QPromptError(str(exc)) from exc
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    what = f"export {folder} ({m['quantization']})"
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
+    click.echo(f"{what}: {shown}  ({metrics['rows']} rows, {metrics['seconds']:.0f} s)")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"what": what, **metrics, "predictions": preds}, indent=1) + "\n")
+
+
+def _open_export(folder, model_file=None, providers=None):
+    from .runtime import ExportedModel
+
+    try:
+        return ExportedModel(folder, model_file, providers)
+    except ExportError as exc:
+        raise QPromptError(str(exc)) from exc
+
+
+@main.command("export")
+@click.argument("artifact", type=click.Path())
+@click.option("--output", type=click.Path(file_okay=False), required=True, help="Export folder to write.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Also write a quantized graph (int8: dynamic; int4: MatMulNBits weight-only) and use it.")
+@click.option("--opset", type=click.IntRange(18), default=20, show_default=True, help="ONNX opset.")
+@click.option("--parity-tokens", type=click.IntRange(1), default=8, show_default=True,
+              help="Greedy tokens that must match PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --output.")
+def export_command(artifact, output, quantize, opset, parity_tokens, overwrite):
+    """Merge the soft prompt into an ONNX graph (constant KV prefix) and check it against PyTorch."""
+    from .export import export
+
+    quiet_libraries()
+    data = export(artifact, output, quantize, opset, overwrite, parity_tokens)
+    p = data["parity"]
+    click.echo(f"exported {artifact} to {output}: parity max |logit diff| {p['max_abs_logit_diff']:.2e}, "
+               f"greedy tokens equal: {p['greedy_tokens_equal']} ({p['prompts']} prompts)")
+    for name, info in data["files"].items():
+        extra = ""
+        if "next_token_top1_agreement" in info:
+            extra = (f", next-token agreement with fp32 {info['next_token_top1_agreement']:.0%}, "
+                     f"max logit diff {info['max_abs_next_token_logit_diff']:.3f}")
+        click.echo(f"  {name}: {info['quantization']}, {info['mb']:.1f} MB{extra}")
+
+
+@main.command("run")
+@click.argument("export_dir", type=click.Path())
+@click.option("--prompt", type=str, default=None, help="One input (the recipe's template is applied).")
+@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None,
+              help="A .jsonl/.csv of rows with the template's fields, run as batches.")
+@click.option("--raw", is_flag=True, help="Use --prompt as the full text, without the template.")
+@click.option("--classify", is_flag=True, help="Print the most likely label instead of generating.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 switches it off.")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop a row's output at this string (repeatable).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--model-file", type=str, default=None, help="Which graph in the folder [default: the manifest's].")
+def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, temperature, top_k, top_p, seed,
+                stop, batch_size, model_file):
+    """Run an exported graph with ONNX Runtime (CUDA when onnxruntime-gpu is installed, else CPU)."""
+    from .runtime import ExportError, Sampling
+
+    if (prompt is None) == (input_file is None):
+        raise QPromptError("pass --prompt TEXT or --input FILE")
+    model = _open_export(export_dir, model_file)
+    if input_file:
+        from .data import read_rows
+
+        inputs = read_rows(input_file)
+    else:
+        inputs = [prompt]
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+    try:
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            if classify:
+                outputs = model.classify(chunk)
+            else:
+                outputs = model.generate(chunk, sampling, raw=raw)
+            for out in outputs:
+                click.echo(json.dumps(out) if input_file else out)
+    except ExportError as exc:
+        raise QPromptError(str(exc)) from exc
 
 
 @main.command()

@@ -45,7 +45,8 @@ def parse_rows(text: str, name: str, where: str) -> list[dict]:
     name = name.removesuffix(".bz2").removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which are not line ends here.
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -90,17 +91,20 @@ def source_rows(source: SourceConfig) -> list[dict]:
     for fieldname, mapping in source.values.items():
         for r in rows:
             r[fieldname] = mapping.get(r.get(fieldname), r.get(fieldname))
-    return rows
+    return [{k: v.strip() if isinstance(v, str) else v for k, v in r.items()} for r in rows]
 
 
-def split_rows(rows: list[dict], cfg: DataConfig, sizes: dict[str, int]) -> dict[str, list[dict]]:
+def split_rows(rows: list[dict], cfg: DataConfig, sizes: dict[str, int],
+               key_fields: list[str]) -> dict[str, list[dict]]:
     """Deduplicate, sort, shuffle with a fixed seed, and cut off the held-out splits in `sizes` order.
 
-    Whatever is left becomes "train". Dedup first, so no text sits on both sides of a split.
+    Whatever is left becomes "train". Rows count as duplicates when their `key_fields` (the inputs
+    the template reads) match, ignoring case and surrounding space: no input sits on both sides.
     """
     unique: dict[str, dict] = {}
     for r in rows:
-        unique.setdefault(json.dumps({k: v for k, v in r.items() if k != cfg.label_field}, sort_keys=True), r)
+        key = json.dumps([str(r.get(f, "")).strip().lower() for f in key_fields])
+        unique.setdefault(key, r)
     # Sorted before the shuffle: the same rows in any file order give the same split.
     unique = [unique[k] for k in sorted(unique)]
     random.Random(cfg.split_seed).shuffle(unique)
@@ -117,14 +121,16 @@ def split_rows(rows: list[dict], cfg: DataConfig, sizes: dict[str, int]) -> dict
 def load_splits(recipe: RecipeConfig, data: str | None = None, eval_data: str | None = None) -> dict[str, list[dict]]:
     """train / validation (/ test when the data comes from the recipe's own source)."""
     cfg = recipe.data
+    keys = template_fields(recipe.template.prompt)
     if data is None:
         if cfg.source is None:
             raise QPromptError(f"recipe {recipe.name} has no built-in data source: pass --data FILE")
-        splits = split_rows(source_rows(cfg.source), cfg, {"test": cfg.test_rows, "validation": cfg.validation_rows})
+        splits = split_rows(source_rows(cfg.source), cfg, {"test": cfg.test_rows, "validation": cfg.validation_rows},
+                             keys)
     elif eval_data is None:
         rows = read_rows(data)
         n_val = min(cfg.validation_rows, max(1, len(rows) // 10))
-        splits = split_rows(rows, cfg, {"validation": n_val})
+        splits = split_rows(rows, cfg, {"validation": n_val}, keys)
     else:
         splits = {"train": read_rows(data), "validation": read_rows(eval_data)}
     return splits

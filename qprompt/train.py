@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .artifact import MANIFEST, manifest, write_json
 from .config import RecipeConfig
-from .data import Encoder, collate
+from .data import Encoder, collate, template_fields
 from .errors import QPromptError
 from .evaluate import evaluate, main_metric
 from .methods import add_soft_prompt, restore_soft_prompt, target_logprobs, trainable_parameters
@@ -265,6 +265,8 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
                 "trainable_parameters": trainable_parameters(model), "train_rows": len(train_examples),
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
     metrics = {f"validation_{metric_name}": state["best"], "validation_rows": len(val_rows)}
-    data = manifest(info, recipe, metrics, training)
+    fields = template_fields(recipe.template.prompt) + [recipe.data.label_field]
+    samples = [{f: row[f] for f in fields} for row in splits["validation"][:4]]
+    data = manifest(info, recipe, metrics, training, samples)
     write_json(output / MANIFEST, data)
     return data

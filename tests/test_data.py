@@ -11,7 +11,8 @@ from qprompt.models import load_tokenizer
 
 
 def test_read_jsonl_and_csv(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "good", "label": "positive"}\n\n{"text": "bad", "label": "negative"}\n')
+    rows = '{"text": "good\u2028really", "label": "positive"}\n\n{"text": "bad", "label": "negative"}\r\n'
+    (tmp_path / "a.jsonl").write_text(rows)  # a raw U+2028 inside a string is valid JSON, not a line end
     (tmp_path / "a.csv").write_text('text,label\n"good, really",positive\n')
     assert [r["label"] for r in read_rows(str(tmp_path / "a.jsonl"))] == ["positive", "negative"]
     assert read_rows(str(tmp_path / "a.csv")) == [{"text": "good, really", "label": "positive"}]
@@ -48,8 +49,9 @@ def test_rows_are_checked_against_the_recipe(tiny_model_dir):
 def test_split_is_deterministic_and_deduplicated():
     recipe = load_recipe("sentiment")
     rows = [{"text": f"t{i % 50}", "label": "positive"} for i in range(100)]  # 50 unique texts
-    a = split_rows(rows, recipe.data, {"test": 10, "validation": 5})
-    b = split_rows(list(reversed(rows)), recipe.data, {"test": 10, "validation": 5})
+    rows += [{"text": " T3 ", "label": "negative"}]  # same input, other case and spacing: a duplicate
+    a = split_rows(rows, recipe.data, {"test": 10, "validation": 5}, ["text"])
+    b = split_rows(list(reversed(rows)), recipe.data, {"test": 10, "validation": 5}, ["text"])
     assert [len(a[k]) for k in ("test", "validation", "train")] == [10, 5, 35]
     assert {r["text"] for r in a["test"]} == {r["text"] for r in b["test"]}
     assert not {r["text"] for r in a["test"]} & {r["text"] for r in a["train"]}

@@ -1,0 +1,254 @@
+"""Export a trained soft prompt *merged into* an ONNX decoder graph, and prove it matches PyTorch.
+
+In a causal decoder the virtual tokens come first, so no real token can change their keys and
+values: once training is over they are constants. We compute them once (a forward pass over the
+soft prompt alone, on the full-precision base) and fold them into the graph as a constant KV
+prefix. The graph takes the usual decoder-with-past inputs for real tokens only:
+
+    input_ids (B, L), attention_mask (B, P + L), past_key_values.{i}.key/value (B, kv_heads, P, head_dim)
+    -> logits (B, L, vocab), present.{i}.key/value (B, kv_heads, P + L, head_dim)
+
+Positions of real tokens start after the virtual tokens (counted from the mask, so left padding
+is exact), and a request never pays a prefill for the virtual tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .artifact import load_artifact, write_json
+from .errors import QPromptError
+from .methods import virtual_tokens
+from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, ExportedModel, Sampling
+
+log = logging.getLogger("qprompt")
+QUANTIZATIONS = ("none", "int8", "int4")
+PARITY_TOLERANCE = 1e-4  # max |logit difference| of the fp32 graph against PyTorch
+
+
+class MergedPromptDecoder(torch.nn.Module):
+    """The base decoder with a constant KV prefix (the soft prompt) in front of every sequence."""
+
+    def __init__(self, base, prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.base = base
+        self.num_layers = base.config.num_hidden_layers
+        self.num_virtual = prefix[0][0].shape[2] if prefix else 0
+        for i, (k, v) in enumerate(prefix):
+            self.register_buffer(f"prefix_key_{i}", k.contiguous())
+            self.register_buffer(f"prefix_value_{i}", v.contiguous())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        from transformers import DynamicCache
+
+        batch, length = input_ids.shape
+        layers = []
+        for i in range(self.num_layers):
+            k, v = past[2 * i], past[2 * i + 1]
+            if self.num_virtual:
+                k = torch.cat([getattr(self, f"prefix_key_{i}").expand(batch, -1, -1, -1), k], dim=2)
+                v = torch.cat([getattr(self, f"prefix_value_{i}").expand(batch, -1, -1, -1), v], dim=2)
+            layers.append((k, v))
+        # A DynamicCache cannot be a graph input: build it here from plain tensors.
+        cache = DynamicCache(ddp_cache_data=layers)
+        full_mask = torch.cat([attention_mask.new_ones((batch, self.num_virtual)), attention_mask], dim=1)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -length:] + self.num_virtual
+        out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
+        presents = []
+        for layer in out.past_key_values.layers:  # hand back the real tokens' cache only
+            presents += [layer.keys[:, :, self.num_virtual:], layer.values[:, :, self.num_virtual:]]
+        return (out.logits, *presents)
+
+
+@torch.no_grad()
+def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer keys/values of the virtual tokens: one forward pass over the soft prompt alone."""
+    if not virtual_tokens(model):
+        return []
+    base = model.get_base_model()
+    prompts = model.get_prompt(batch_size=1).to(base.dtype)
+    out = base.get_decoder()(inputs_embeds=prompts, use_cache=True)
+    return [(layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers]
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
+
+
+def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
+    config = module.base.config
+    heads, head_dim = _kv_shape(config)
+    names = [f"past_key_values.{i}.{kind}" for i in range(module.num_layers) for kind in ("key", "value")]
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.ones((2, 5), dtype=torch.long)
+    past = tuple(torch.zeros((2, heads, 2, head_dim)) for _ in names)
+    batch, seq, past_len, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total"))
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in names))
+    program = torch.onnx.export(
+        module, (ids, mask, *past), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+        input_names=["input_ids", "attention_mask", *names],
+        output_names=["logits", *[n.replace("past_key_values", "present") for n in names]],
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def quantize_graph(source: Path, target: Path, kind: str) -> None:
+    """int8: dynamic (weights int8, activations quantized per call); int4: MatMulNBits weight-only."""
+    import onnx
+
+    if kind == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    elif kind == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=32, is_symmetric=True)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    else:
+        raise QPromptError(f"unknown quantization {kind!r}: use one of {', '.join(QUANTIZATIONS)}")
+
+
+def _file_mb(folder: Path, name: str) -> float:
+    files = [folder / name] + [p for p in folder.glob(name + ".data")]
+    return round(sum(p.stat().st_size for p in files if p.exists()) / 1e6, 2)
+
+
+@torch.no_grad()
+def parity(model, tokenizer, exported: ExportedModel, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Compare the graph with the PyTorch PEFT model: logits on each prompt, and greedy tokens."""
+    max_diff = 0.0
+    greedy_equal = True
+    onnx_tokens = exported.generate_ids(prompts, Sampling(max_new_tokens=new_tokens))
+    for ids, onnx_new in zip(prompts, onnx_tokens):
+        x = torch.tensor([ids])
+        ref = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, virtual_tokens(model):]
+        logits, _ = exported.forward(x.numpy(), np.ones_like(x.numpy()), exported.empty_past(1))
+        max_diff = max(max_diff, float(np.abs(logits - ref.float().numpy()).max()))
+        torch_new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        eos = set(exported.eos_ids)
+        torch_new = torch_new[: next((i for i, t in enumerate(torch_new) if t in eos), len(torch_new))]
+        greedy_equal &= torch_new == onnx_new
+    return {"max_abs_logit_diff": max_diff, "greedy_tokens_equal": bool(greedy_equal), "prompts": len(prompts),
+            "new_tokens": new_tokens}
+
+
+def agreement(reference: ExportedModel, candidate: ExportedModel, prompts: list[list[int]]) -> dict:
+    """How close a quantized graph stays to the fp32 one: next-token logits and top-1 agreement."""
+    diffs, same = [], 0
+    for ids in prompts:
+        x = np.array([ids], dtype=np.int64)
+        a, _ = reference.forward(x, np.ones_like(x), reference.empty_past(1))
+        b, _ = candidate.forward(x, np.ones_like(x), candidate.empty_past(1))
+        diffs.append(float(np.abs(a[0, -1] - b[0, -1]).max()))
+        same += int(a[0, -1].argmax() == b[0, -1].argmax())
+    return {"max_abs_next_token_logit_diff": max(diffs), "next_token_top1_agreement": same / len(prompts)}
+
+
+def export(artifact: str | Path | None, output: str | Path, quantize: str = "none", opset: int = 20,
+           overwrite: bool = False, parity_tokens: int = 8, base_model: str | None = None,
+           recipe=None) -> dict:
+    """Write an export folder from `artifact` (or, with `base_model`, from a bare base: no soft prompt)."""
+    output = Path(output)
+    if quantize not in QUANTIZATIONS:
+        raise QPromptError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if (output / EXPORT_MANIFEST).exists() and not overwrite:
+        raise QPromptError(f"{output} already holds an export; pass --overwrite or choose another --output")
+    if output.exists() and any(output.iterdir()) and not (output / EXPORT_MANIFEST).exists():
+        raise QPromptError(f"{output} exists and is not an export folder; choose an empty or new --output")
+    start = time.perf_counter()
+    # bitsandbytes layers cannot be exported: always export from the full-precision float32 base.
+    if base_model is None:
+        model, tokenizer, recipe, manifest = load_artifact(artifact, quant="none", compute_dtype="float32",
+                                                           device="cpu")
+        samples = manifest.get("samples") or []
+    else:
+        from .models import load_model
+
+        model, tokenizer, info = load_model(base_model, "none", "float32", "cpu")
+        manifest = {"base": info.to_dict(), "method": "none", "virtual_tokens": 0}
+        samples = []
+    model.eval()
+    base = model.get_base_model() if virtual_tokens(model) else model
+    module = MergedPromptDecoder(base, constant_prefix(model)).eval()
+
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fp32 = tmp / "model.onnx"
+    log.info("exporting %s to ONNX (opset %d)", manifest["base"]["name"], opset)
+    try:
+        export_graph(module, fp32, opset)
+    except Exception as exc:  # torch.export raises many kinds; the user needs the first line
+        raise QPromptError(f"ONNX export failed ({str(exc).splitlines()[0][:200]}); try another --opset") from exc
+    tokenizer.save_pretrained(tmp)
+
+    heads, head_dim = _kv_shape(base.config)
+    template = recipe.to_dict()["template"] if recipe else {"prompt": "{text}", "instruction": ""}
+    chat_wrap = None
+    if recipe and recipe.template.chat and getattr(tokenizer, "chat_template", None):
+        marker = "\u0000BODY\u0000"
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                                 add_generation_prompt=True)
+        chat_wrap = rendered.split(marker)
+    eos = tokenizer.eos_token_id
+    data = {
+        "format": EXPORT_FORMAT, "qprompt_version": __version__, "model_file": "model.onnx",
+        "source": {"artifact": str(artifact) if artifact else None, "base": manifest["base"],
+                   "method": manifest["method"], "virtual_tokens": manifest["virtual_tokens"]},
+        "task": recipe.task if recipe else "generation",
+        "template": template, "chat_wrap": chat_wrap, "label_field": recipe.data.label_field if recipe else "label",
+        "label_targets": {lab: recipe.template.target.format(label=word) for lab, word in recipe.labels.items()}
+        if recipe and recipe.task == "classification" else {},
+        "num_layers": module.num_layers, "num_kv_heads": heads, "head_dim": head_dim,
+        "vocab_size": base.config.vocab_size, "num_virtual_tokens": module.num_virtual,
+        "max_positions": getattr(base.config, "max_position_embeddings", 2048) - module.num_virtual,
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": [eos] if eos is not None else [],
+        "opset": opset, "quantization": "none", "files": {},
+    }
+    write_json(tmp / EXPORT_MANIFEST, data)
+
+    # Parity on real inputs: the artifact's stored validation rows, else a fixed sentence.
+    fp32_runtime = ExportedModel(tmp, providers=["CPUExecutionProvider"])
+    if samples:
+        prompts = [fp32_runtime.prompt_ids(row) for row in samples]
+    else:
+        prompts = [fp32_runtime.encode("The film opens on a quiet street, and then")]
+    report = parity(model, tokenizer, fp32_runtime, prompts, parity_tokens)
+    data["parity"] = report
+    data["files"]["model.onnx"] = {"quantization": "none", "mb": _file_mb(tmp, "model.onnx")}
+    if report["max_abs_logit_diff"] > PARITY_TOLERANCE or not report["greedy_tokens_equal"]:
+        raise QPromptError(
+            f"the exported graph does not match PyTorch (max logit difference {report['max_abs_logit_diff']:.2e}, "
+            f"greedy tokens equal: {report['greedy_tokens_equal']}); nothing was written to {output}; "
+            "try another --opset and report the model"
+        )
+
+    if quantize != "none":
+        name = f"model.{quantize}.onnx"
+        log.info("quantizing to %s", quantize)
+        quantize_graph(fp32, tmp / name, quantize)
+        quantized = ExportedModel(tmp, name, providers=["CPUExecutionProvider"])
+        data["files"][name] = {"quantization": quantize, "mb": _file_mb(tmp, name),
+                               **agreement(fp32_runtime, quantized, prompts)}
+        data["model_file"], data["quantization"] = name, quantize
+    data["seconds"] = round(time.perf_counter() - start, 1)
+    write_json(tmp / EXPORT_MANIFEST, data)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return data

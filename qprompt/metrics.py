@@ -1,0 +1,33 @@
+"""Task metrics, in plain Python so the torch-free runtime can use them too."""
+
+from __future__ import annotations
+
+
+def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict:
+    n = len(references)
+    correct = sum(p == r for p, r in zip(predictions, references))
+    f1s = []
+    for lab in labels:
+        tp = sum(p == lab and r == lab for p, r in zip(predictions, references))
+        fp = sum(p == lab and r != lab for p, r in zip(predictions, references))
+        fn = sum(p != lab and r == lab for p, r in zip(predictions, references))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "rows": n}
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased whitespace tokens (longest common subsequence)."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)

@@ -1,0 +1,245 @@
+"""Run an exported soft-prompt graph with ONNX Runtime: no torch, no transformers, no PEFT.
+
+Needs only onnxruntime, numpy and tokenizers. The soft prompt is inside the graph as a constant
+KV prefix, so callers pass plain token ids; this module adds the recipe's template, left-padded
+batching, a KV cache for generation, and classification by label log-likelihood.
+
+    from qprompt.runtime import ExportedModel
+    m = ExportedModel("export/")
+    m.generate(["a warm, funny film"], max_new_tokens=8)
+    m.classify([{"text": "a warm, funny film"}])          # -> ["positive"]
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EXPORT_MANIFEST = "qprompt-export.json"
+EXPORT_FORMAT = "qprompt-export/1"
+
+
+class ExportError(Exception):
+    """A broken or mismatched export folder (the CLI prints it as one line)."""
+
+
+@dataclass
+class Sampling:
+    """Decoding settings: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def default_providers() -> list[str]:
+    """CUDA first where onnxruntime-gpu is installed, always CPU as the fallback."""
+    found = available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in found]
+
+
+def read_export_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / EXPORT_MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{folder} has no {EXPORT_MANIFEST}, so it is not a qprompt export; run `qprompt export`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON (line {exc.lineno}); export again") from exc
+    if data.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path} is not a {EXPORT_FORMAT} manifest; export again with this qprompt")
+    return data
+
+
+class ExportedModel:
+    def __init__(self, folder: str | Path, model_file: str | None = None, providers: list[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self.manifest = m = read_export_manifest(folder)
+        path = self.folder / (model_file or m["model_file"])
+        for needed in (path, self.folder / "tokenizer.json"):
+            if not needed.is_file():
+                raise ExportError(f"export folder {folder} lacks {needed.name}; export again")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
+        except Exception as exc:  # onnxruntime raises its own types for corrupt files
+            raise ExportError(f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]})") from exc
+        names = {i.name for i in self.session.get_inputs()}
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(m["num_layers"]) for kind in ("key", "value")]
+        missing = {"input_ids", "attention_mask", *self.past_names} - names
+        if missing:
+            raise ExportError(f"{path} does not match {EXPORT_MANIFEST} (missing inputs {sorted(missing)[:3]}); "
+                              "export again")
+        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.pad_id = m["pad_token_id"]
+        self.eos_ids = set(m["eos_token_ids"])
+        self.fields = [f for _, f, _, _ in string.Formatter().parse(m["template"]["prompt"]) if f]
+        self.label_ids = {label: self.encode(text, special=False) for label, text in m["label_targets"].items()}
+
+    # ------------------------------------------------------------------------------- tokens
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
+
+    def prompt_ids(self, row: dict | str, hard_prompt: bool = False) -> list[int]:
+        """The recipe's template applied to a row (or to a string, for one-field templates)."""
+        template = self.manifest["template"]
+        if isinstance(row, str):
+            if len(self.fields) != 1:
+                raise ExportError(f"this template needs fields {self.fields}: pass rows, not plain text")
+            row = {self.fields[0]: row}
+        missing = [f for f in self.fields if f not in row]
+        if missing:
+            raise ExportError(f"input row lacks field {missing[0]!r}; the template needs {', '.join(self.fields)}")
+        body = template["prompt"].format(**{f: row[f] for f in self.fields})
+        if hard_prompt and template.get("instruction"):
+            body = f"{template['instruction']}\n\n{body}"
+        chat = self.manifest.get("chat_wrap")
+        if chat:
+            return self.encode(chat[0] + body + chat[1], special=False)
+        return self.encode(body)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------- graph
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        m = self.manifest
+        shape = (batch, m["num_kv_heads"], 0, m["head_dim"])
+        return {n: np.zeros(shape, dtype=np.float32) for n in self.past_names}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]):
+        """One graph call: logits (B, L, V) and the updated cache (real tokens only)."""
+        outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **past})
+        return outputs[0], dict(zip(self.past_names, outputs[1:]))
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        limit = self.manifest["max_positions"]
+        if max(len(s) for s in seqs) > limit:
+            raise ExportError(f"an input has {max(len(s) for s in seqs)} tokens; this export takes at most {limit}")
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = s
+            mask[i, width - len(s):] = 1
+        return ids, mask
+
+    # ------------------------------------------------------------------------------- tasks
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling | None = None) -> list[list[int]]:
+        """Continue each prompt; the batch is left-padded and decoded together with a KV cache."""
+        s = sampling or Sampling()
+        rng = np.random.default_rng(s.seed)
+        ids, mask = self._left_pad(prompts)
+        past = self.empty_past(len(prompts))
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), dtype=bool)
+        step_ids = ids
+        for _ in range(s.max_new_tokens):
+            logits, past = self.forward(step_ids, mask, past)
+            nxt = np.array([_pick(row, s, rng) for row in logits[:, -1].astype(np.float64)])
+            for i, tok in enumerate(nxt):
+                if done[i]:
+                    continue
+                if tok in self.eos_ids:
+                    done[i] = True
+                    continue
+                out[i].append(int(tok))
+                if s.stop and any(stop in self.decode(out[i]) for stop in s.stop):
+                    done[i] = True
+            if done.all():
+                break
+            step_ids = np.where(done, self.pad_id, nxt)[:, None].astype(np.int64)
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+        return out
+
+    def generate(self, inputs: list[dict | str], sampling: Sampling | None = None, raw: bool = False) -> list[str]:
+        prompts = [self.encode(x) if raw else self.prompt_ids(x) for x in inputs]
+        texts = [self.decode(o) for o in self.generate_ids(prompts, sampling)]
+        stops = sampling.stop if sampling else ()
+        return [_cut_at_stop(t, stops) for t in texts]
+
+    def label_scores(self, prompts: list[list[int]], batch_size: int = 16) -> np.ndarray:
+        """Sum of log-probabilities of each label's tokens after each prompt: (N, labels)."""
+        labels = list(self.label_ids)
+        scores = np.zeros((len(prompts), len(labels)))
+        single = all(len(self.label_ids[lab]) == 1 for lab in labels)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            if single:  # one pass: the next-token distribution scores every label
+                ids, mask = self._left_pad(chunk)
+                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)))
+                logp = _log_softmax(logits[:, -1])
+                scores[start : start + len(chunk)] = logp[:, [self.label_ids[lab][0] for lab in labels]]
+                continue
+            for j, lab in enumerate(labels):
+                target = self.label_ids[lab]
+                ids, mask = self._left_pad([p + target for p in chunk])
+                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)))
+                logp = _log_softmax(logits[:, -len(target) - 1 : -1])
+                scores[start : start + len(chunk), j] = logp[:, np.arange(len(target)), target].sum(axis=1)
+        return scores
+
+    def classify(self, inputs: list[dict | str], hard_prompt: bool = False, batch_size: int = 16) -> list[str]:
+        if not self.label_ids:
+            raise ExportError("this export comes from a generation recipe: use generate, not classify")
+        labels = list(self.label_ids)
+        # Similar lengths together: less padding per batch.
+        prompts = [self.prompt_ids(x, hard_prompt) for x in inputs]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        scores = self.label_scores([prompts[i] for i in order], batch_size)
+        result = [""] * len(prompts)
+        for k, i in enumerate(order):
+            result[i] = labels[int(scores[k].argmax())]
+        return result
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    if s.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = np.sort(logits)[-min(s.top_k, len(logits))]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < s.top_p  # smallest set reaching top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    for stop in stops:
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()

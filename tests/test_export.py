@@ -1,0 +1,140 @@
+"""The soft prompt merged into an ONNX graph: parity with PyTorch, the torch-free runtime, quantized graphs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qprompt.artifact import load_artifact
+from qprompt.data import Encoder, load_splits
+from qprompt.errors import QPromptError
+from qprompt.evaluate import classify
+from qprompt.export import export
+from qprompt.models import load_model
+from qprompt.runtime import ExportedModel, ExportError, Sampling
+from qprompt.train import train
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model_dir, sentiment_files, tmp_path_factory):
+    from qprompt.config import load_recipe, override
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", method__virtual_tokens=6,
+                      train__max_steps=4, train__batch_size=8, train__lr=0.3, train__eval_every=0,
+                      train__eval_rows=8)
+    model, tok, info = load_model(recipe.model, recipe.quant)
+    out = tmp_path_factory.mktemp("export") / "artifact"
+    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
+    train(recipe, model, tok, info, splits, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(artifact):
+    folder = artifact.parent / "export-int8"
+    export(artifact, folder, quantize="int8")
+    return folder
+
+
+def test_export_passes_parity_and_writes_a_self_contained_folder(exported):
+    manifest = json.loads((exported / "qprompt-export.json").read_text())
+    assert manifest["parity"]["max_abs_logit_diff"] < 1e-4 and manifest["parity"]["greedy_tokens_equal"]
+    assert manifest["parity"]["prompts"] == 4  # the artifact's stored validation rows
+    assert manifest["num_virtual_tokens"] == 6 and manifest["source"]["method"] == "prompt-tuning"
+    assert manifest["label_targets"] == {"positive": " positive", "negative": " negative"}
+    assert manifest["model_file"] == "model.int8.onnx"
+    assert manifest["files"]["model.int8.onnx"]["next_token_top1_agreement"] >= 0.75
+    for name in ("model.onnx", "model.int8.onnx", "tokenizer.json"):
+        assert (exported / name).is_file()
+
+
+def test_graph_has_plain_inputs_and_no_prompt_input(exported):
+    import onnx
+
+    graph = onnx.load(str(exported / "model.onnx"), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    assert inputs[:2] == ["input_ids", "attention_mask"] and all(n.startswith("past_key_values.") for n in inputs[2:])
+    assert [o.name for o in graph.output][0] == "logits"
+
+
+def test_runtime_matches_pytorch_generation_and_classification(artifact, exported, sentiment_files):
+    model, tok, recipe, _ = load_artifact(artifact, quant="none")
+    runtime = ExportedModel(exported, "model.onnx")
+    rows = [json.loads(x) for x in sentiment_files["test"].read_text().splitlines()][:12]
+    encoder = Encoder(recipe, tok, 6)
+    examples = encoder.encode_all(rows, "test")
+    assert [runtime.prompt_ids(r) for r in rows] == [e.prompt_ids for e in examples]  # same tokens, no torch
+    assert runtime.classify(rows) == classify(model, encoder, examples)
+    prompt = examples[0].prompt_ids
+    with torch.no_grad():
+        expected = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                  max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    got = runtime.generate_ids([prompt], Sampling(max_new_tokens=10))[0]
+    assert got == expected[0, len(prompt):].tolist()[: len(got)] and len(got) > 0
+
+
+def test_left_padded_batches_equal_single_runs(exported):
+    runtime = ExportedModel(exported, "model.onnx")
+    prompts = [runtime.prompt_ids(t) for t in ("fine", "a long, slow and quietly devastating film", "meh")]
+    batched = runtime.generate_ids(prompts, Sampling(max_new_tokens=6))
+    alone = [runtime.generate_ids([p], Sampling(max_new_tokens=6))[0] for p in prompts]
+    assert batched == alone
+    ids, mask = runtime._left_pad(prompts)
+    batch_logits, _ = runtime.forward(ids, mask, runtime.empty_past(3))
+    for i, p in enumerate(prompts):
+        x = np.array([p])
+        single, _ = runtime.forward(x, np.ones_like(x), runtime.empty_past(1))
+        assert np.abs(batch_logits[i, -1] - single[0, -1]).max() < 1e-4
+
+
+def test_sampling_is_seeded_and_stops(exported):
+    runtime = ExportedModel(exported, "model.onnx")
+    s = Sampling(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert runtime.generate(["good"], s) == runtime.generate(["good"], s)
+    first = runtime.generate(["good"], Sampling(max_new_tokens=8))[0]
+    if len(first) > 2:
+        cut = runtime.generate(["good"], Sampling(max_new_tokens=8, stop=(first[1:3],)))[0]
+        assert first[1:3] not in cut
+
+
+@pytest.mark.parametrize("quant", ["int4"])
+def test_int4_graph_runs(artifact, tmp_path, quant):
+    data = export(artifact, tmp_path / quant, quantize=quant)
+    info = data["files"][f"model.{quant}.onnx"]
+    assert info["mb"] > 0 and 0 <= info["next_token_top1_agreement"] <= 1
+    runtime = ExportedModel(tmp_path / quant)
+    assert set(runtime.classify(["fine", "awful"])) <= {"positive", "negative"}
+
+
+def test_runtime_imports_no_torch(exported):
+    code = ("import sys; from qprompt.runtime import ExportedModel; "
+            f"m = ExportedModel({str(exported)!r}); print(m.classify(['a fine film']), m.generate(['ok'])); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_broken_exports_are_refused(exported, tmp_path, artifact):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "qprompt-export.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        ExportedModel(broken)
+    shutil.copy(exported / "qprompt-export.json", broken / "qprompt-export.json")
+    manifest = json.loads((broken / "qprompt-export.json").read_text())
+    manifest["num_layers"] = 5
+    (broken / "qprompt-export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="does not match"):
+        ExportedModel(broken, "model.onnx")
+    (broken / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(ExportError, match="could not be loaded"):
+        ExportedModel(broken, "model.onnx")
+    with pytest.raises(ExportError, match="not a qprompt export"):
+        ExportedModel(tmp_path)
+    with pytest.raises(QPromptError, match="already holds an export"):
+        export(artifact, exported)
