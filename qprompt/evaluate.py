@@ -67,9 +67,10 @@ def main_metric(recipe: RecipeConfig) -> str:
 
 
 def evaluate(model, tokenizer, recipe: RecipeConfig, rows: list[dict], where: str = "data",
-             hard_prompt: bool = False, batch_size: int = 32) -> dict:
-    """Task metrics of `model` on `rows`; `hard_prompt` puts the recipe's instruction in front."""
-    encoder = Encoder(recipe, tokenizer, virtual_tokens(model))
+             hard_prompt: bool = False, batch_size: int = 32, shots: list[dict] | None = None) -> dict:
+    """Task metrics of `model` on `rows`; `hard_prompt` puts the recipe's instruction (and the k-shot
+    demonstrations in `shots`) in front of each input."""
+    encoder = Encoder(recipe, tokenizer, virtual_tokens(model), shots)
     examples = encoder.encode_all(rows, where, hard_prompt=hard_prompt)
     start = time.perf_counter()
     if recipe.task == "classification":

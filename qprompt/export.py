@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
-from .methods import virtual_tokens
+from .methods import is_prefix, virtual_tokens
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, ExportedModel, Sampling
 
 log = logging.getLogger("qprompt")
@@ -74,6 +74,9 @@ def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer keys/values of the virtual tokens: one forward pass over the soft prompt alone."""
     if not virtual_tokens(model):
         return []
+    if is_prefix(model):  # prefix tuning learned these keys/values directly
+        cache = model.get_prompt(batch_size=1)
+        return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     base = model.get_base_model()
     prompts = model.get_prompt(batch_size=1).to(base.dtype)
     out = base.get_decoder()(inputs_embeds=prompts, use_cache=True)
@@ -135,7 +138,9 @@ def parity(model, tokenizer, exported: ExportedModel, prompts: list[list[int]], 
     onnx_tokens = exported.generate_ids(prompts, Sampling(max_new_tokens=new_tokens))
     for ids, onnx_new in zip(prompts, onnx_tokens):
         x = torch.tensor([ids])
-        ref = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, virtual_tokens(model):]
+        ref = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        if not is_prefix(model):  # PEFT returns logits for the virtual tokens too
+            ref = ref[:, virtual_tokens(model):]
         logits, _ = exported.forward(x.numpy(), np.ones_like(x.numpy()), exported.empty_past(1))
         max_diff = max(max_diff, float(np.abs(logits - ref.float().numpy()).max()))
         torch_new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,

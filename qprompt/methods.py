@@ -11,26 +11,50 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import (
+    PeftModel,
+    PeftType,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+    get_peft_model,
+)
 
 from .config import MethodConfig, RecipeConfig
 from .errors import QPromptError
 
-METHODS = ("prompt-tuning",)
+METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 
 
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
-    """The PEFT config for `method` (the recipe supplies the default init text)."""
-    if method.name not in METHODS:
+    """The PEFT config for `method` (the recipe supplies the init text and label words)."""
+    hidden = method.encoder_hidden_size or None  # None: PEFT uses the model's hidden size
+    if method.name == "p-tuning":
+        kind = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.virtual_tokens,
+                                   encoder_reparameterization_type=kind[method.encoder],
+                                   encoder_hidden_size=hidden)
+    if method.name == "prefix-tuning":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.virtual_tokens,
+                                  prefix_projection=method.prefix_projection,
+                                  encoder_hidden_size=hidden or 512)
+    if method.name != "prompt-tuning":
         raise QPromptError(f"unknown method {method.name!r}: use one of {', '.join(METHODS)}")
-    init = {"text": PromptTuningInit.TEXT, "vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
+    init = {"text": PromptTuningInit.TEXT, "labels": PromptTuningInit.TEXT,
+            "vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
+    # Class-label init (Lester et al.): the label words' embeddings, repeated to fill the prompt.
     text = method.init_text or recipe.template.instruction
+    if method.init == "labels":
+        text = " ".join(recipe.labels.values())
+    from_text = method.init in ("text", "labels")
     return PromptTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=method.virtual_tokens,
         prompt_tuning_init=init[method.init],
-        prompt_tuning_init_text=text if method.init == "text" else None,
-        tokenizer_name_or_path=tokenizer_path if method.init == "text" else None,
+        prompt_tuning_init_text=text if from_text else None,
+        tokenizer_name_or_path=tokenizer_path if from_text else None,
     )
 
 
@@ -48,17 +72,14 @@ def load_soft_prompt(model, folder: str | Path) -> PeftModel:
         raise QPromptError(f"could not load the soft prompt in {folder} ({str(exc).splitlines()[0]})") from exc
 
 
-def restore_soft_prompt(model: PeftModel, folder: str | Path) -> PeftModel:
-    """Load saved prompt weights into a trainable PEFT model (PEFT cannot reload prompts as trainable)."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(Path(folder) / "adapter_model.safetensors"))
-    return model
-
 
 def virtual_tokens(model) -> int:
     return model.active_peft_config.num_virtual_tokens if isinstance(model, PeftModel) else 0
+
+
+def is_prefix(model) -> bool:
+    """Prefix tuning learns keys/values for every layer; the other methods learn input embeddings."""
+    return isinstance(model, PeftModel) and model.active_peft_config.peft_type == PeftType.PREFIX_TUNING
 
 
 def base_of(model):
@@ -69,13 +90,23 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     """Last hidden states of the real tokens (B, L, H), with the soft prompt (if any) in front."""
     base = base_of(model)
     embeds = base.get_input_embeddings()(input_ids)
+    batch = input_ids.shape[0]
     n_virtual = virtual_tokens(model)
-    if n_virtual:
-        prompts = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+    # Each real token's position counts only the real tokens before it, after the virtual ones: left
+    # or right padding gives every row the positions it has alone (and that the ONNX export uses).
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + n_virtual
+    mask = torch.cat([attention_mask.new_ones((batch, n_virtual)), attention_mask], dim=1)
+    decoder = base.get_decoder()
+    if is_prefix(model):  # the prefix is a ready KV cache, fresh each call (the forward appends to it)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                      past_key_values=model.get_prompt(batch_size=batch), use_cache=True)
+        return out.last_hidden_state
+    if n_virtual:  # prompt tuning, p-tuning: virtual token embeddings in front, at positions 0..n-1
+        prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
         embeds = torch.cat([prompts, embeds], dim=1)
-        ones = attention_mask.new_ones((input_ids.shape[0], n_virtual))
-        attention_mask = torch.cat([ones, attention_mask], dim=1)
-    out = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        virtual_positions = torch.arange(n_virtual, device=input_ids.device).expand(batch, -1)
+        positions = torch.cat([virtual_positions, positions], dim=1)
+    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state[:, n_virtual:]
 
 
@@ -97,7 +128,7 @@ def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the vocabulary of the token after each row's last real token (B, V)."""
     hidden = hidden_states(model, input_ids, attention_mask)
-    last = attention_mask.sum(dim=1) - 1
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)  # last real token, any padding
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return torch.log_softmax(base_of(model).get_output_embeddings()(h).float(), dim=-1)
 

@@ -12,7 +12,8 @@ def classification_metrics(predictions: list[str], references: list[str], labels
         fp = sum(p == lab and r != lab for p, r in zip(predictions, references))
         fn = sum(p != lab and r == lab for p, r in zip(predictions, references))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "rows": n}
+    per_label = {f"f1_{lab}": f for lab, f in zip(labels, f1s)}
+    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), **per_label, "rows": n}
 
 
 def rouge_l(prediction: str, reference: str) -> float:

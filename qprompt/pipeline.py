@@ -68,3 +68,45 @@ def report_lines(result: dict) -> list[str]:
         f"{t['tokens_per_s']:.0f} tokens/s, {t['trainable_parameters']} trainable parameters; "
         f"artifact: {result['output']}",
     ]
+
+
+def recipe_command(config_path: Path):
+    """The command line of a recipe script: its YAML gives the defaults, options override them."""
+    import json as _json
+
+    import click
+
+    from .cli import QPromptCommand, model_options, quiet_libraries
+    from .config import load_recipe_file, override
+
+    @click.command(cls=QPromptCommand, help=f"Train the {config_path.stem} soft prompt and compare it with the "
+                   "hand-written prompt on the test rows.")
+    @click.option("--model", type=str, default=None, help="Base model [default: the recipe's].")
+    @model_options
+    @click.option("--method", type=click.Choice(["prompt-tuning", "p-tuning", "prefix-tuning"]), default=None)
+    @click.option("--data", type=str, default=None, help="Training rows [default: the recipe's source].")
+    @click.option("--eval-data", type=str, default=None, help="Validation rows [default: held out].")
+    @click.option("--test-data", type=str, default=None, help="Test rows [default: held out from the source].")
+    @click.option("--test-limit", type=click.IntRange(1), default=None, help="Score only the first N test rows.")
+    @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
+    @click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
+    @click.option("--lr", type=float, default=None, help="Peak learning rate.")
+    @click.option("--output", type=click.Path(file_okay=False), default=f"runs/{config_path.stem}",
+                  show_default=True, help="Artifact folder.")
+    @click.option("--resume", is_flag=True, help="Continue an interrupted run in --output.")
+    @click.option("--overwrite", is_flag=True, help="Train again even if --output holds a trained prompt.")
+    @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results.")
+    def main(model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
+             virtual_tokens, lr, output, resume, overwrite, json_out):
+        quiet_libraries()
+        recipe = override(load_recipe_file(config_path), model=model, quant=quant, method__name=method,
+                          train__max_steps=max_steps, method__virtual_tokens=virtual_tokens, train__lr=lr)
+        result = train_and_compare(recipe, output, data, eval_data, test_data, resume, overwrite, compute_dtype,
+                                   device, test_limit)
+        click.echo("\n".join(report_lines(result)))
+        if json_out:
+            slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
+                    for k, v in result.items()}
+            Path(json_out).write_text(_json.dumps(slim, indent=1) + "\n")
+
+    return main

@@ -29,18 +29,20 @@ def cache_dir() -> Path:
     return path
 
 
-def fetch_package(requirement: str) -> Path:
-    """Download a package archive (wheel or sdist) with pip, once, and return its path.
+def fetch_package(requirement: str, sdist: bool = False) -> Path:
+    """Download a package archive (wheel, or with `sdist` the source archive) with pip, once.
 
     `requirement` must pin one version (`name==1.2.3`) so the cached file stays the same data.
     """
     if "==" not in requirement:
         raise QPromptError(f"package source {requirement!r} must pin a version: write it as name==X.Y.Z")
-    folder = cache_dir() / "packages" / requirement.replace("==", "-")
+    folder = cache_dir() / "packages" / (requirement.replace("==", "-") + ("-sdist" if sdist else ""))
     archives = _archives(folder)
     if not archives:
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement]
+        if sdist:
+            cmd[4:4] = ["--no-binary", ":all:"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         archives = _archives(folder)
         if done.returncode != 0 or not archives:

@@ -25,7 +25,7 @@ from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
 from .errors import QPromptError
 from .evaluate import evaluate, main_metric
-from .methods import add_soft_prompt, restore_soft_prompt, target_logprobs, trainable_parameters
+from .methods import add_soft_prompt, target_logprobs, trainable_parameters
 from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
@@ -76,8 +76,8 @@ def save_checkpoint(model, optimizer, scheduler, state: dict, output: Path) -> N
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, **state},
-               partial / "state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                "prompt_encoder": model.prompt_encoder.state_dict(), **state}, partial / "state.pt")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -145,7 +145,8 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
         saved = None
     model = add_soft_prompt(model, recipe, info.path, cfg.seed)
     if saved is not None:
-        restore_soft_prompt(model, ckpt)
+        # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
+        model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
 
     encoder = Encoder(recipe, tokenizer, recipe.method.virtual_tokens)
     train_examples = encoder.encode_all(splits["train"], "training data")

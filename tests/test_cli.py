@@ -43,7 +43,12 @@ def test_eval_artifact_and_baseline(artifact, tiny_model_dir, sentiment_files, t
     result = run("eval", "--baseline", "hard-prompt", "--model", tiny_model_dir, "--recipe", "sentiment",
                  "--data", sentiment_files["test"], "--quant", "none", "--limit", 10)
     assert result.exit_code == 0, result.output
-    assert "hard-prompt baseline" in result.output and "(10 rows" in result.output
+    assert "hard-prompt 0-shot baseline" in result.output and "(10 rows" in result.output
+    result = run("eval", "--baseline", "hard-prompt", "--shots", 3, "--train-data", sentiment_files["train"],
+                 "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["test"],
+                 "--quant", "none", "--limit", 4)
+    assert result.exit_code == 0 and "hard-prompt 3-shot baseline" in result.output, result.output
+    assert_clean_error(run("eval", artifact, "--shots", 2, "--data", sentiment_files["test"]), "--shots applies")
 
 
 def test_generate(artifact):
@@ -54,7 +59,8 @@ def test_generate(artifact):
 
 def test_recipes_listing():
     result = run("recipes")
-    assert result.exit_code == 0 and result.output.startswith("sentiment")
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()[:4]] == ["nli", "sentiment", "spam", "summarize"]
     shown = run("recipes", "sentiment")
     assert "python recipes/sentiment.py" in shown.output
 
@@ -97,3 +103,22 @@ def test_ci_runs_the_readme_test_command():
     readme = (root / "README.md").read_text()
     ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"    {ci_command}\n" in readme
+
+
+def test_export_run_and_eval_an_export(artifact, sentiment_files, tmp_path):
+    out = tmp_path / "exp"
+    result = run("export", artifact, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert "greedy tokens equal: True" in result.output and "model.onnx: none" in result.output
+    result = run("run", out, "--prompt", "a warm and funny film", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    result = run("run", out, "--input", sentiment_files["test"], "--classify", "--batch-size", 16)
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 32
+    torch_eval = run("eval", artifact, "--data", sentiment_files["test"])
+    onnx_eval = run("eval", out, "--data", sentiment_files["test"])
+    assert onnx_eval.exit_code == 0, onnx_eval.output
+    accuracy = [line.split("accuracy ")[1].split()[0] for line in (torch_eval.output, onnx_eval.output)]
+    assert accuracy[0] == accuracy[1]  # the fp32 graph gives the PyTorch model's predictions
+    assert_clean_error(run("export", artifact, "--output", out), "already holds an export")
+    assert_clean_error(run("run", tmp_path, "--prompt", "x"), "not a qprompt export")

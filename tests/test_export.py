@@ -138,3 +138,25 @@ def test_broken_exports_are_refused(exported, tmp_path, artifact):
         ExportedModel(tmp_path)
     with pytest.raises(QPromptError, match="already holds an export"):
         export(artifact, exported)
+
+
+@pytest.mark.parametrize("method", ["p-tuning", "prefix-tuning"])
+def test_every_method_exports_with_parity(tiny_model_dir, sentiment_files, tmp_path, method):
+    """P-tuning folds in like prompt tuning; prefix tuning's learned keys/values are the prefix itself."""
+    from qprompt.config import load_recipe, override
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", method__name=method,
+                      method__virtual_tokens=5, method__prefix_projection=method == "prefix-tuning",
+                      train__max_steps=3, train__batch_size=8, train__lr=0.05, train__eval_every=0,
+                      train__eval_rows=8)
+    model, tok, info = load_model(recipe.model, recipe.quant)
+    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
+    train(recipe, model, tok, info, splits, tmp_path / "art", progress=False)
+    data = export(tmp_path / "art", tmp_path / "exp")
+    assert data["parity"]["max_abs_logit_diff"] < 1e-4 and data["parity"]["greedy_tokens_equal"]
+    assert data["num_virtual_tokens"] == 5
+    runtime = ExportedModel(tmp_path / "exp")
+    peft_model, tok, recipe, _ = load_artifact(tmp_path / "art", quant="none")
+    rows = [json.loads(x) for x in sentiment_files["test"].read_text().splitlines()][:8]
+    encoder = Encoder(recipe, tok, 5)
+    assert runtime.classify(rows) == classify(peft_model, encoder, encoder.encode_all(rows, "test"))

@@ -1,29 +1,42 @@
-"""qprompt's own forward pass must agree with PEFT's, and padding must not change any score."""
+"""qprompt's own forward pass must agree with PEFT's for every method, whatever the padding."""
 
+import pytest
 import torch
 
 from qprompt.config import load_recipe, override
 from qprompt.data import Encoder, Example, collate
 from qprompt.evaluate import classify
-from qprompt.methods import add_soft_prompt, next_token_logprobs, target_logprobs
+from qprompt.methods import add_soft_prompt, is_prefix, next_token_logprobs, target_logprobs
 from qprompt.models import load_model
 
+METHODS = ["prompt-tuning", "p-tuning", "prefix-tuning"]
+ROWS = [{"text": "short", "label": "positive"},
+        {"text": "a much longer review that drags on and on without end", "label": "negative"},
+        {"text": "an odd, slow, lovely thing", "label": "positive"}]
 
-def _model(tiny_model_dir, quant="nf4", init="text"):
-    recipe = override(load_recipe("sentiment"), method__virtual_tokens=5, method__init=init)
+
+def _model(tiny_model_dir, method="prompt-tuning", quant="nf4", init="vocab", **extra):
+    recipe = override(load_recipe("sentiment"), method__name=method, method__virtual_tokens=5, method__init=init,
+                      **extra)
     base, tok, info = load_model(str(tiny_model_dir), quant)
-    return add_soft_prompt(base, recipe, info.path), tok, recipe
+    model = add_soft_prompt(base, recipe, info.path)
+    if method != "prompt-tuning":  # fresh encoders start near zero: shake them so the prompt matters
+        with torch.no_grad():
+            for p in model.prompt_encoder.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+    return model, tok, recipe
 
 
-def test_target_logprobs_match_peft_forward(tiny_model_dir):
-    model, tok, recipe = _model(tiny_model_dir)
-    encoder = Encoder(recipe, tok, 5)
-    ex = encoder.encode({"text": "a gripping and humane film", "label": "positive"})
+@pytest.mark.parametrize("method", METHODS)
+def test_target_logprobs_match_peft_forward(tiny_model_dir, method):
+    model, tok, recipe = _model(tiny_model_dir, method)
+    ex = Encoder(recipe, tok, 5).encode({"text": "a gripping and humane film", "label": "positive"})
     batch = collate([ex], tok.pad_token_id)
-    ours, count = target_logprobs(model, batch)
     with torch.no_grad():
+        ours, count = target_logprobs(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, 5:]  # PEFT returns logits for the virtual tokens too
+    if not is_prefix(model):
+        logits = logits[:, 5:]  # PEFT returns logits for the virtual tokens too
     logp = torch.log_softmax(logits.float(), -1)
     n = len(ex.prompt_ids)
     theirs = sum(logp[0, n - 1 + i, t] for i, t in enumerate(ex.target_ids))
@@ -31,26 +44,26 @@ def test_target_logprobs_match_peft_forward(tiny_model_dir):
     assert torch.allclose(ours[0], theirs, atol=1e-4)
 
 
-def test_right_padding_does_not_change_scores(tiny_model_dir):
-    model, tok, recipe = _model(tiny_model_dir, quant="none", init="vocab")
-    encoder = Encoder(recipe, tok, 5)
-    rows = [{"text": "short", "label": "positive"},
-            {"text": "a much longer review that drags on and on without end", "label": "negative"}]
-    examples = [encoder.encode(r) for r in rows]
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_left_and_right_padding_give_the_same_scores(tiny_model_dir, method, quant):
+    model, tok, recipe = _model(tiny_model_dir, method, quant)
+    examples = [Encoder(recipe, tok, 5).encode(r) for r in ROWS]
     with torch.no_grad():
-        together, _ = target_logprobs(model, collate(examples, tok.pad_token_id))
+        right, _ = target_logprobs(model, collate(examples, tok.pad_token_id))
+        left, _ = target_logprobs(model, collate(examples, tok.pad_token_id, pad_left=True))
         alone = torch.cat([target_logprobs(model, collate([e], tok.pad_token_id))[0] for e in examples])
-        batch = collate(examples, tok.pad_token_id, with_target=False)
-        nxt = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-    assert torch.allclose(together, alone, atol=1e-5)
-    firsts = [Example(e.prompt_ids, e.target_ids[:1], None) for e in examples]
-    with torch.no_grad():
+        firsts = [Example(e.prompt_ids, e.target_ids[:1], None) for e in examples]
         first_logp, _ = target_logprobs(model, collate(firsts, tok.pad_token_id))
-    assert torch.allclose(nxt[torch.arange(2), [e.target_ids[0] for e in examples]], first_logp, atol=1e-5)
+        for pad_left in (False, True):
+            batch = collate(examples, tok.pad_token_id, with_target=False, pad_left=pad_left)
+            nxt = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+            assert torch.allclose(nxt[torch.arange(3), [e.target_ids[0] for e in examples]], first_logp, atol=1e-4)
+    assert torch.allclose(right, alone, atol=1e-4) and torch.allclose(left, alone, atol=1e-4)
 
 
 def test_single_pass_and_pairwise_classification_agree(tiny_model_dir):
-    model, tok, recipe = _model(tiny_model_dir, quant="none", init="vocab")
+    model, tok, recipe = _model(tiny_model_dir, quant="none")
     encoder = Encoder(recipe, tok, 5)
     rows = [{"text": t, "label": "positive"} for t in ("good", "bad film", "an odd, slow, lovely thing", "meh")]
     examples = [encoder.encode(r) for r in rows]
@@ -59,11 +72,23 @@ def test_single_pass_and_pairwise_classification_agree(tiny_model_dir):
     assert fast == slow
 
 
-def test_only_prompt_parameters_get_gradients(tiny_model_dir):
-    model, tok, recipe = _model(tiny_model_dir, quant="int8")
-    encoder = Encoder(recipe, tok, 5)
-    batch = collate([encoder.encode({"text": "fine", "label": "positive"})], tok.pad_token_id)
+@pytest.mark.parametrize("method,extra", [("prompt-tuning", {}), ("p-tuning", {"method__encoder": "lstm"}),
+                                          ("p-tuning", {}), ("prefix-tuning", {"method__prefix_projection": True}),
+                                          ("prefix-tuning", {})])
+def test_only_prompt_parameters_get_gradients(tiny_model_dir, method, extra):
+    model, tok, recipe = _model(tiny_model_dir, method, "int8", **extra)
+    batch = collate([Encoder(recipe, tok, 5).encode(ROWS[0])], tok.pad_token_id)
     logp, n = target_logprobs(model, batch)
     (-logp.sum() / n.sum()).backward()
     with_grad = [name for name, p in model.named_parameters() if p.grad is not None]
     assert with_grad and all("prompt_encoder" in name for name in with_grad)
+    assert all(p.grad is None for name, p in model.named_parameters() if "prompt_encoder" not in name)
+
+
+def test_class_label_init_uses_the_label_words(tiny_model_dir):
+    model, tok, recipe = _model(tiny_model_dir, init="labels")
+    words = tok("positive negative", add_special_tokens=True)["input_ids"]
+    table = model.get_base_model().get_input_embeddings().weight
+    prompt = model.prompt_encoder["default"].embedding.weight
+    for i in range(5):  # PEFT repeats the words' tokens to fill the virtual tokens
+        assert torch.allclose(prompt[i], table[words[i % len(words)]])

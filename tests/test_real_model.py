@@ -14,6 +14,24 @@ from qprompt.models import load_model
 pytestmark = pytest.mark.real_model
 
 
+@pytest.mark.parametrize("name,labels", [("spam", {"spam", "ham"}),
+                                         ("nli", {"entailment", "neutral", "contradiction"}),
+                                         ("summarize", None)])
+def test_every_recipe_source_gives_real_disjoint_splits(name, labels):
+    recipe = load_recipe(name)
+    splits = load_splits(recipe)
+    assert len(splits["test"]) == recipe.data.test_rows and len(splits["validation"]) == recipe.data.validation_rows
+    assert len(splits["train"]) >= 100
+    key = recipe.data.label_field
+    if labels:
+        assert {r[key] for part in splits.values() for r in part} == labels
+    else:  # generation: every row has a document and a non-empty reference summary
+        assert all(r["document"] and r[key] for part in splits.values() for r in part)
+    field = "premise" if name == "nli" else ("document" if name == "summarize" else "text")
+    seen = {r[field] + str(r.get("hypothesis")) for r in splits["test"]}
+    assert not seen & {r[field] + str(r.get("hypothesis")) for r in splits["train"]}
+
+
 def test_sentiment_source_gives_real_fixed_splits():
     splits = load_splits(load_recipe("sentiment"))
     assert len(splits["test"]) == 2000 and len(splits["validation"]) == 1000 and len(splits["train"]) > 9000

@@ -96,3 +96,34 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_recipe, sentiment_files
     b = load_file(out / "checkpoint" / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.allclose(a, b, atol=1e-6)
     assert read_manifest(out)["training"]["steps"] == 6
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning", "prefix-tuning"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8", "none"])
+def test_method_by_quantization_matrix(tiny_recipe, sentiment_files, tmp_path, method, quant):
+    """Every method trains on every quantization, saves a PEFT artifact, and reloads to the same prompt."""
+    from qprompt.methods import add_soft_prompt
+
+    tiny_recipe.method.name = method
+    tiny_recipe.method.prefix_projection = method == "prefix-tuning"
+    tiny_recipe.train.lr = 0.1 if method == "prompt-tuning" else 0.01
+    tiny_recipe.train.max_steps = tiny_recipe.train.eval_every = 10
+    out = tmp_path / "run"
+    _run(tiny_recipe, sentiment_files, out, quant)
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert read_manifest(out)["method"] == method
+    # The saved adapter is what the trained encoder produces (best step == last step here) ...
+    base, _, info = load_model(tiny_recipe.model, quant)
+    fresh = add_soft_prompt(base, tiny_recipe, info.path)
+    fresh.prompt_encoder.load_state_dict(torch.load(out / "checkpoint" / "state.pt", weights_only=False)["prompt_encoder"])
+    saved = load_file(out / "adapter_model.safetensors")["prompt_embeddings"]
+    with torch.no_grad():
+        produced = fresh.prompt_encoder["default"](fresh.prompt_tokens["default"][: saved.shape[0]].unsqueeze(0))[0]
+    assert torch.allclose(produced, saved, atol=1e-5)
+    # ... and PEFT's own loader and qprompt's give identical logits.
+    peft_model = PeftModel.from_pretrained(load_model(tiny_recipe.model, quant)[0], str(out))
+    ours, tok, _, _ = load_artifact(out)
+    ids = torch.tensor([tok("Review: fine\nSentiment:")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits)

@@ -1,0 +1,166 @@
+"""Benchmark: inference of a soft prompt, PyTorch + PEFT against the merged ONNX graph.
+
+Latency (median of --repeats) of one request — a real review in the sentiment template — for:
+  (a) PEFT + PyTorch `generate` (float32, unquantized base)
+  (b) the qprompt ONNX graph: fp32, int8, int4
+  (c) the bare base exported the same way, with no soft prompt
+Time to first token = prefill of the real tokens + the first token; per-token = mean decode step.
+The latency prompt has --virtual-tokens (default 100) virtual tokens, trained for one step: speed
+does not depend on the prompt's values.
+
+Agreement: the trained sentiment artifact (--artifact) exported fp32 and int8, both classifying
+the shared test split; reports accuracy of each and how often they agree.
+
+    python bench/inference.py --artifact runs/bench-sentiment [--rows 2000]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_latency(model, tokenizer, prompt_ids, new_tokens, repeats):
+    import torch
+
+    x = torch.tensor([prompt_ids])
+
+    def gen(n):
+        with torch.no_grad():
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    first = median_time(lambda: gen(1), repeats)
+    full = median_time(lambda: gen(new_tokens + 1), repeats)
+    return first, (full - first) / new_tokens
+
+
+def onnx_latency(runtime, prompt_ids, new_tokens, repeats):
+    import numpy as np
+
+    x = np.array([prompt_ids], dtype=np.int64)
+
+    def prefill():
+        return runtime.forward(x, np.ones_like(x), runtime.empty_past(1))
+
+    first = median_time(prefill, repeats)
+    logits, past = prefill()
+    mask = np.ones((1, x.shape[1]), dtype=np.int64)
+
+    def decode():
+        p, m, tok = past, mask, np.array([[int(logits[0, -1].argmax())]])
+        for _ in range(new_tokens):
+            m = np.concatenate([m, np.ones((1, 1), dtype=np.int64)], axis=1)
+            out, p = runtime.forward(tok, m, p)
+            tok = np.array([[int(out[0, -1].argmax())]])
+
+    return first, median_time(decode, repeats) / new_tokens
+
+
+@click.command()
+@click.option("--artifact", default="runs/bench-sentiment", show_default=True, help="Trained sentiment artifact.")
+@click.option("--virtual-tokens", default=100, show_default=True)
+@click.option("--new-tokens", default=32, show_default=True, help="Decode steps timed per request.")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--rows", default=2000, show_default=True, help="Test rows for the int8 agreement check.")
+@click.option("--work", default="runs/bench-inference", show_default=True, help="Folder for exports.")
+@click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "inference.json"), show_default=True)
+def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out):
+    sys.path.insert(0, str(ROOT))
+    from qprompt.artifact import load_artifact
+    from qprompt.cli import quiet_libraries
+    from qprompt.config import load_recipe_file, override
+    from qprompt.data import load_splits, read_rows
+    from qprompt.export import export, quantize_graph
+    from qprompt.metrics import classification_metrics
+    from qprompt.models import load_model
+    from qprompt.runtime import ExportedModel
+    from qprompt.train import train
+
+    quiet_libraries()
+    work = Path(work)
+    results: dict = {"command": " ".join(sys.argv), "virtual_tokens": virtual_tokens, "new_tokens": new_tokens}
+
+    # A 100-virtual-token prompt for latency (one training step: values do not change speed).
+    recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), quant="none",
+                      method__virtual_tokens=virtual_tokens, train__max_steps=1, train__eval_every=0,
+                      train__eval_rows=4)
+    splits = load_splits(recipe, str(DATA / "validation.jsonl"), str(DATA / "validation.jsonl"))
+    splits["train"] = splits["train"][:64]
+    model, tok, info = load_model(recipe.model, "none")
+    train(recipe, model, tok, info, splits, work / "latency-artifact", overwrite=True, progress=False)
+
+    export(work / "latency-artifact", work / "latency", overwrite=True)
+    for q in ("int8", "int4"):
+        quantize_graph(work / "latency" / "model.onnx", work / "latency" / f"model.{q}.onnx", q)
+    export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe)
+
+    peft_model, tok, _, _ = load_artifact(work / "latency-artifact", quant="none")
+    text = read_rows(str(DATA / "test.jsonl"))[0]
+    onnx_fp32 = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"])
+    prompt_ids = onnx_fp32.prompt_ids(text)
+    results["prompt_tokens"] = len(prompt_ids)
+    rows_out = {}
+    rows_out["(a) PEFT + PyTorch generate"] = torch_latency(peft_model, tok, prompt_ids, new_tokens, repeats)
+    for q in ("model.onnx", "model.int8.onnx", "model.int4.onnx"):
+        runtime = ExportedModel(work / "latency", q, providers=["CPUExecutionProvider"])
+        rows_out[f"(b) qprompt ONNX {q}"] = onnx_latency(runtime, prompt_ids, new_tokens, repeats)
+    bare = ExportedModel(work / "bare", providers=["CPUExecutionProvider"])
+    rows_out["(c) bare base ONNX fp32"] = onnx_latency(bare, prompt_ids, new_tokens, repeats)
+    results["latency_ms"] = {k: {"ttft": round(a * 1e3, 2), "per_token": round(b * 1e3, 2)}
+                             for k, (a, b) in rows_out.items()}
+    for p in ("model.onnx", "model.int8.onnx", "model.int4.onnx"):
+        results.setdefault("size_mb", {})[p] = round((work / "latency" / p).stat().st_size / 1e6, 1)
+
+    # int8 vs fp32 on the sentiment test split, with the trained artifact.
+    export(artifact, work / "trained", quantize="int8", overwrite=True)
+    test_rows = read_rows(str(DATA / "test.jsonl"))[:rows]
+    refs = [r["label"] for r in test_rows]
+    preds = {}
+    for name in ("model.onnx", "model.int8.onnx"):
+        runtime = ExportedModel(work / "trained", name, providers=["CPUExecutionProvider"])
+        start = time.perf_counter()
+        preds[name] = runtime.classify(test_rows)
+        results.setdefault("classification", {})[name] = {
+            **classification_metrics(preds[name], refs, ["positive", "negative"]),
+            "seconds": round(time.perf_counter() - start, 1)}
+    same = sum(a == b for a, b in zip(preds["model.onnx"], preds["model.int8.onnx"]))
+    results["int8_agreement_with_fp32"] = same / len(refs)
+
+    lat = results["latency_ms"]
+    bare_ms = lat["(c) bare base ONNX fp32"]
+    click.echo(f"{'':<34}{'TTFT ms':>10}{'per token ms':>14}")
+    for k, v in lat.items():
+        click.echo(f"{k:<34}{v['ttft']:>10.1f}{v['per_token']:>14.1f}")
+    fp32 = lat["(b) qprompt ONNX model.onnx"]
+    click.echo(f"soft prompt over bare base: TTFT {fp32['ttft'] / bare_ms['ttft'] - 1:+.1%}, "
+               f"per token {fp32['per_token'] / bare_ms['per_token'] - 1:+.1%}")
+    click.echo(f"ONNX fp32 TTFT speed-up over PEFT: {lat['(a) PEFT + PyTorch generate']['ttft'] / fp32['ttft']:.2f}x")
+    for name, m in results["classification"].items():
+        click.echo(f"{name}: accuracy {m['accuracy']:.4f} on {m['rows']} test rows ({m['seconds']:.0f} s)")
+    click.echo(f"int8 agrees with fp32 on {results['int8_agreement_with_fp32']:.2%} of rows")
+    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_out).write_text(json.dumps(results, indent=1) + "\n")
+    click.echo(f"wrote {json_out}")
+
+
+if __name__ == "__main__":
+    main()

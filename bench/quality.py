@@ -1,0 +1,118 @@
+"""Benchmark: what each soft-prompt method buys over prompt engineering, on nf4 and unquantized bases.
+
+For each task (the recipes' data, from ../shared/data), rows are: the hard prompt zero-shot, the
+hard prompt k-shot, and each method trained on each quantization. Columns: the task metric on the
+test split, trainable parameters, training time (wall, this machine) and peak memory (RSS).
+Writes JSON per row to bench/results/quality/ (rows already there are reused) and the table to
+docs/results.md.
+
+    python bench/quality.py --tasks sentiment,spam,nli --methods prompt-tuning,p-tuning,prefix-tuning \
+        --quants nf4,none [--max-steps N] [--test-limit N]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+FOLDERS = {"sentiment": "rotten_tomatoes", "spam": "sms_spam", "nli": "snli", "summarize": "aclsum"}
+RESULTS = ROOT / "bench" / "results" / "quality"
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None, test_limit: int | None,
+            shots: int) -> dict:
+    from qprompt.artifact import load_artifact
+    from qprompt.config import load_recipe, override
+    from qprompt.data import demonstrations, read_rows
+    from qprompt.evaluate import evaluate, main_metric
+    from qprompt.models import load_model
+    from qprompt.train import train
+
+    folder = SHARED / FOLDERS[task]
+    recipe = override(load_recipe(task), quant=quant, method__name=method, train__max_steps=max_steps)
+    if method != "prompt-tuning":
+        recipe.method.init = "random"  # the encoder methods have no text init
+    test = read_rows(str(folder / "test.jsonl"))[:test_limit]
+    train_rows = read_rows(str(folder / "train.jsonl"))
+    metric = main_metric(recipe)
+    start = time.perf_counter()
+    model, tok, info = load_model(recipe.model, quant)
+    row = {"task": task, "kind": kind, "quant": quant, "metric": metric, "test_rows": len(test)}
+    if kind == "hard":
+        demos = demonstrations(train_rows, shots, label_field=recipe.data.label_field) if shots else None
+        result = evaluate(model, tok, recipe, test, "test", hard_prompt=True, shots=demos)
+        row.update(method=f"hard prompt {shots}-shot", trainable_parameters=0, train_seconds=0)
+    else:
+        out = ROOT / "runs" / f"quality-{task}-{method}-{quant}"
+        splits = {"train": train_rows, "validation": read_rows(str(folder / "validation.jsonl"))}
+        data = train(recipe, model, tok, info, splits, out, overwrite=True, progress=False)
+        tuned, tok, tuned_recipe, _ = load_artifact(out, quant=quant)
+        result = evaluate(tuned, tok, tuned_recipe, test, "test")
+        row.update(method=method, trainable_parameters=data["training"]["trainable_parameters"],
+                   train_seconds=data["training"]["wall_seconds"], steps=data["training"]["steps"],
+                   settings={"virtual_tokens": recipe.method.virtual_tokens, "lr": recipe.train.lr,
+                             "batch_size": recipe.train.batch_size, "init": recipe.method.init})
+    row.update(value=result[metric], total_seconds=round(time.perf_counter() - start, 1),
+               peak_rss_gb=round(peak_rss_gb(), 2), **{k: v for k, v in result.items()
+                                                      if k.startswith(("accuracy", "f1_", "macro", "rouge"))})
+    return row
+
+
+def write_table(rows: list[dict]) -> str:
+    lines = ["| task | row | quant | metric | value | trainable params | train time (s) | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['method']} | {r['quant']} | {r['metric']} | {r['value']:.4f} | "
+                     f"{r['trainable_parameters']:,} | {r['train_seconds']:.0f} | {r['peak_rss_gb']:.1f} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--tasks", default="sentiment,spam,nli", show_default=True)
+@click.option("--methods", default="prompt-tuning,p-tuning,prefix-tuning", show_default=True)
+@click.option("--quants", default="nf4,none", show_default=True)
+@click.option("--shots", default=4, show_default=True, help="k for the k-shot row.")
+@click.option("--max-steps", type=int, default=None, help="Override every recipe's steps.")
+@click.option("--test-limit", type=int, default=None, help="Score only the first N test rows.")
+def main(tasks, methods, quants, shots, max_steps, test_limit):
+    sys.path.insert(0, str(ROOT))
+    from qprompt.cli import quiet_libraries
+
+    quiet_libraries()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for task in tasks.split(","):
+        plan = [("hard", "none", "nf4", 0), ("hard", "none", "nf4", shots)]
+        plan += [("soft", m, q, 0) for m in methods.split(",") for q in quants.split(",")]
+        for kind, method, quant, k in plan:
+            name = f"{task}-{kind}-{method}-{quant}-{k}shot-{max_steps}-{test_limit}.json"
+            path = RESULTS / name
+            if path.exists():  # each row runs in a fresh process in practice; reuse finished ones
+                rows.append(json.loads(path.read_text()))
+                continue
+            row = run_row(task, kind, method, quant, max_steps, test_limit, k)
+            row["command"] = " ".join(sys.argv)
+            path.write_text(json.dumps(row, indent=1) + "\n")
+            rows.append(row)
+            click.echo(f"{task:<10} {row['method']:<22} {quant:<5} {row['metric']} {row['value']:.4f}")
+    table = write_table(rows)
+    click.echo(table)
+    doc = ROOT / "docs" / "results.md"
+    doc.write_text("# Quality: soft prompts against prompt engineering\n\n"
+                   f"Produced by `python bench/quality.py {' '.join(sys.argv[1:])}` on this repository's "
+                   "2-core CPU machine; settings per row are in bench/results/quality/*.json.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

