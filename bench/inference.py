@@ -83,21 +83,38 @@ def onnx_latency(runtime, prompt_ids, new_tokens, repeats):
 @click.option("--rows", default=2000, show_default=True, help="Test rows for the int8 agreement check.")
 @click.option("--work", default="runs/bench-inference", show_default=True, help="Folder for exports.")
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "inference.json"), show_default=True)
-def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out):
+@click.option("--parts", default="latency,agreement", show_default=True,
+              help="Which parts to run; results merge into an existing --out file.")
+def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, parts):
     sys.path.insert(0, str(ROOT))
-    from qprompt.artifact import load_artifact
     from qprompt.cli import quiet_libraries
+
+    quiet_libraries()
+    work = Path(work)
+    previous = json.loads(Path(json_out).read_text()) if Path(json_out).exists() else {}
+    results: dict = {**previous, "virtual_tokens": virtual_tokens, "new_tokens": new_tokens}
+    results.setdefault("commands", {})
+    for part in parts.split(","):
+        results["commands"][part] = " ".join(sys.argv)
+    if "latency" in parts:
+        latency_part(results, virtual_tokens, new_tokens, repeats, work)
+    if "agreement" in parts:
+        agreement_part(results, artifact, rows, work)
+    show(results)
+    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_out).write_text(json.dumps(results, indent=1) + "\n")
+    click.echo(f"wrote {json_out}")
+
+
+def latency_part(results, virtual_tokens, new_tokens, repeats, work):
+    from qprompt.artifact import load_artifact
     from qprompt.config import load_recipe_file, override
     from qprompt.data import load_splits, read_rows
     from qprompt.export import export, quantize_graph
-    from qprompt.metrics import classification_metrics
     from qprompt.models import load_model
     from qprompt.runtime import ExportedModel
     from qprompt.train import train
 
-    quiet_libraries()
-    work = Path(work)
-    results: dict = {"command": " ".join(sys.argv), "virtual_tokens": virtual_tokens, "new_tokens": new_tokens}
 
     # A 100-virtual-token prompt for latency (one training step: values do not change speed).
     recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), quant="none",
@@ -130,7 +147,14 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out):
     for p in ("model.onnx", "model.int8.onnx", "model.int4.onnx"):
         results.setdefault("size_mb", {})[p] = round((work / "latency" / p).stat().st_size / 1e6, 1)
 
-    # int8 vs fp32 on the sentiment test split, with the trained artifact.
+
+def agreement_part(results, artifact, rows, work):
+    """int8 vs fp32 on the sentiment test split, with the trained artifact."""
+    from qprompt.data import read_rows
+    from qprompt.export import export
+    from qprompt.metrics import classification_metrics
+    from qprompt.runtime import ExportedModel
+
     export(artifact, work / "trained", quantize="int8", overwrite=True)
     test_rows = read_rows(str(DATA / "test.jsonl"))[:rows]
     refs = [r["label"] for r in test_rows]
@@ -145,6 +169,8 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out):
     same = sum(a == b for a, b in zip(preds["model.onnx"], preds["model.int8.onnx"]))
     results["int8_agreement_with_fp32"] = same / len(refs)
 
+
+def show(results):
     lat = results["latency_ms"]
     bare_ms = lat["(c) bare base ONNX fp32"]
     click.echo(f"{'':<34}{'TTFT ms':>10}{'per token ms':>14}")
@@ -157,9 +183,6 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out):
     for name, m in results["classification"].items():
         click.echo(f"{name}: accuracy {m['accuracy']:.4f} on {m['rows']} test rows ({m['seconds']:.0f} s)")
     click.echo(f"int8 agrees with fp32 on {results['int8_agreement_with_fp32']:.2%} of rows")
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps(results, indent=1) + "\n")
-    click.echo(f"wrote {json_out}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
 
 
 @click.group(cls=QPromptGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

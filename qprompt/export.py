@@ -31,7 +31,10 @@ from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, ExportedModel, Sampling
 
 log = logging.getLogger("qprompt")
 QUANTIZATIONS = ("none", "int8", "int4")
-PARITY_TOLERANCE = 1e-4  # max |logit difference| of the fp32 graph against PyTorch
+# The fp32 graph must match PyTorch to max |logit diff| <= max(1e-4, 1e-5 x the largest |logit|). The
+# relative part is float32 reassociation: on SmolLM2-135M (30 layers, |logits| up to ~45) PyTorch
+# itself differs from PEFT's forward by ~5e-5 once the prompt's keys/values are computed separately.
+PARITY_ABS, PARITY_REL = 1e-4, 1e-5
 
 
 class MergedPromptDecoder(torch.nn.Module):
@@ -114,7 +117,9 @@ def quantize_graph(source: Path, target: Path, kind: str) -> None:
     if kind == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        # Unsigned weights (U8U8): with signed weights, AVX2 CPUs without VNNI saturate in the int8 dot
+        # product; on SmolLM2 that took next-token agreement with fp32 from 96% to 0%.
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True)
     elif kind == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -133,7 +138,7 @@ def _file_mb(folder: Path, name: str) -> float:
 @torch.no_grad()
 def parity(model, tokenizer, exported: ExportedModel, prompts: list[list[int]], new_tokens: int) -> dict:
     """Compare the graph with the PyTorch PEFT model: logits on each prompt, and greedy tokens."""
-    max_diff = 0.0
+    max_diff, max_logit = 0.0, 0.0
     greedy_equal = True
     onnx_tokens = exported.generate_ids(prompts, Sampling(max_new_tokens=new_tokens))
     for ids, onnx_new in zip(prompts, onnx_tokens):
@@ -143,13 +148,15 @@ def parity(model, tokenizer, exported: ExportedModel, prompts: list[list[int]], 
             ref = ref[:, virtual_tokens(model):]
         logits, _ = exported.forward(x.numpy(), np.ones_like(x.numpy()), exported.empty_past(1))
         max_diff = max(max_diff, float(np.abs(logits - ref.float().numpy()).max()))
+        max_logit = max(max_logit, float(ref.abs().max()))
         torch_new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
         eos = set(exported.eos_ids)
         torch_new = torch_new[: next((i for i, t in enumerate(torch_new) if t in eos), len(torch_new))]
         greedy_equal &= torch_new == onnx_new
-    return {"max_abs_logit_diff": max_diff, "greedy_tokens_equal": bool(greedy_equal), "prompts": len(prompts),
-            "new_tokens": new_tokens}
+    tolerance = max(PARITY_ABS, PARITY_REL * max_logit)
+    return {"max_abs_logit_diff": max_diff, "max_abs_logit": max_logit, "tolerance": tolerance,
+            "greedy_tokens_equal": bool(greedy_equal), "prompts": len(prompts), "new_tokens": new_tokens}
 
 
 def agreement(reference: ExportedModel, candidate: ExportedModel, prompts: list[list[int]]) -> dict:
@@ -194,65 +201,70 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fp32 = tmp / "model.onnx"
-    log.info("exporting %s to ONNX (opset %d)", manifest["base"]["name"], opset)
     try:
-        export_graph(module, fp32, opset)
-    except Exception as exc:  # torch.export raises many kinds; the user needs the first line
-        raise QPromptError(f"ONNX export failed ({str(exc).splitlines()[0][:200]}); try another --opset") from exc
-    tokenizer.save_pretrained(tmp)
+        fp32 = tmp / "model.onnx"
+        log.info("exporting %s to ONNX (opset %d)", manifest["base"]["name"], opset)
+        try:
+            export_graph(module, fp32, opset)
+        except Exception as exc:  # torch.export raises many kinds; the user needs the first line
+            raise QPromptError(f"ONNX export failed ({str(exc).splitlines()[0][:200]}); try another --opset") from exc
+        tokenizer.save_pretrained(tmp)
 
-    heads, head_dim = _kv_shape(base.config)
-    template = recipe.to_dict()["template"] if recipe else {"prompt": "{text}", "instruction": ""}
-    chat_wrap = None
-    if recipe and recipe.template.chat and getattr(tokenizer, "chat_template", None):
-        marker = "\u0000BODY\u0000"
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                                 add_generation_prompt=True)
-        chat_wrap = rendered.split(marker)
-    eos = tokenizer.eos_token_id
-    data = {
-        "format": EXPORT_FORMAT, "qprompt_version": __version__, "model_file": "model.onnx",
-        "source": {"artifact": str(artifact) if artifact else None, "base": manifest["base"],
-                   "method": manifest["method"], "virtual_tokens": manifest["virtual_tokens"]},
-        "task": recipe.task if recipe else "generation",
-        "template": template, "chat_wrap": chat_wrap, "label_field": recipe.data.label_field if recipe else "label",
-        "label_targets": {lab: recipe.template.target.format(label=word) for lab, word in recipe.labels.items()}
-        if recipe and recipe.task == "classification" else {},
-        "num_layers": module.num_layers, "num_kv_heads": heads, "head_dim": head_dim,
-        "vocab_size": base.config.vocab_size, "num_virtual_tokens": module.num_virtual,
-        "max_positions": getattr(base.config, "max_position_embeddings", 2048) - module.num_virtual,
-        "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": [eos] if eos is not None else [],
-        "opset": opset, "quantization": "none", "files": {},
-    }
-    write_json(tmp / EXPORT_MANIFEST, data)
+        heads, head_dim = _kv_shape(base.config)
+        template = recipe.to_dict()["template"] if recipe else {"prompt": "{text}", "instruction": ""}
+        chat_wrap = None
+        if recipe and recipe.template.chat and getattr(tokenizer, "chat_template", None):
+            marker = "\u0000BODY\u0000"
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                                     add_generation_prompt=True)
+            chat_wrap = rendered.split(marker)
+        eos = tokenizer.eos_token_id
+        data = {
+            "format": EXPORT_FORMAT, "qprompt_version": __version__, "model_file": "model.onnx",
+            "source": {"artifact": str(artifact) if artifact else None, "base": manifest["base"],
+                       "method": manifest["method"], "virtual_tokens": manifest["virtual_tokens"]},
+            "task": recipe.task if recipe else "generation",
+            "template": template, "chat_wrap": chat_wrap, "label_field": recipe.data.label_field if recipe else "label",
+            "label_targets": {lab: recipe.template.target.format(label=word) for lab, word in recipe.labels.items()}
+            if recipe and recipe.task == "classification" else {},
+            "num_layers": module.num_layers, "num_kv_heads": heads, "head_dim": head_dim,
+            "vocab_size": base.config.vocab_size, "num_virtual_tokens": module.num_virtual,
+            "max_positions": getattr(base.config, "max_position_embeddings", 2048) - module.num_virtual,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": [eos] if eos is not None else [],
+            "opset": opset, "quantization": "none", "files": {},
+        }
+        write_json(tmp / EXPORT_MANIFEST, data)
 
-    # Parity on real inputs: the artifact's stored validation rows, else a fixed sentence.
-    fp32_runtime = ExportedModel(tmp, providers=["CPUExecutionProvider"])
-    if samples:
-        prompts = [fp32_runtime.prompt_ids(row) for row in samples]
-    else:
-        prompts = [fp32_runtime.encode("The film opens on a quiet street, and then")]
-    report = parity(model, tokenizer, fp32_runtime, prompts, parity_tokens)
-    data["parity"] = report
-    data["files"]["model.onnx"] = {"quantization": "none", "mb": _file_mb(tmp, "model.onnx")}
-    if report["max_abs_logit_diff"] > PARITY_TOLERANCE or not report["greedy_tokens_equal"]:
-        raise QPromptError(
-            f"the exported graph does not match PyTorch (max logit difference {report['max_abs_logit_diff']:.2e}, "
-            f"greedy tokens equal: {report['greedy_tokens_equal']}); nothing was written to {output}; "
-            "try another --opset and report the model"
-        )
+        # Parity on real inputs: the artifact's stored validation rows, else a fixed sentence.
+        fp32_runtime = ExportedModel(tmp, providers=["CPUExecutionProvider"])
+        if samples:
+            prompts = [fp32_runtime.prompt_ids(row) for row in samples]
+        else:
+            prompts = [fp32_runtime.encode("The film opens on a quiet street, and then")]
+        report = parity(model, tokenizer, fp32_runtime, prompts, parity_tokens)
+        data["parity"] = report
+        data["files"]["model.onnx"] = {"quantization": "none", "mb": _file_mb(tmp, "model.onnx")}
+        if report["max_abs_logit_diff"] > report["tolerance"] or not report["greedy_tokens_equal"]:
+            raise QPromptError(
+                f"the exported graph does not match PyTorch (max logit difference {report['max_abs_logit_diff']:.2e} "
+                f"> {report['tolerance']:.1e}, "
+                f"greedy tokens equal: {report['greedy_tokens_equal']}); nothing was written to {output}; "
+                "try another --opset and report the model"
+            )
 
-    if quantize != "none":
-        name = f"model.{quantize}.onnx"
-        log.info("quantizing to %s", quantize)
-        quantize_graph(fp32, tmp / name, quantize)
-        quantized = ExportedModel(tmp, name, providers=["CPUExecutionProvider"])
-        data["files"][name] = {"quantization": quantize, "mb": _file_mb(tmp, name),
-                               **agreement(fp32_runtime, quantized, prompts)}
-        data["model_file"], data["quantization"] = name, quantize
-    data["seconds"] = round(time.perf_counter() - start, 1)
-    write_json(tmp / EXPORT_MANIFEST, data)
+        if quantize != "none":
+            name = f"model.{quantize}.onnx"
+            log.info("quantizing to %s", quantize)
+            quantize_graph(fp32, tmp / name, quantize)
+            quantized = ExportedModel(tmp, name, providers=["CPUExecutionProvider"])
+            data["files"][name] = {"quantization": quantize, "mb": _file_mb(tmp, name),
+                                   **agreement(fp32_runtime, quantized, prompts)}
+            data["model_file"], data["quantization"] = name, quantize
+        data["seconds"] = round(time.perf_counter() - start, 1)
+        write_json(tmp / EXPORT_MANIFEST, data)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted export leaves nothing behind
+        raise
     if output.exists():
         shutil.rmtree(output)
     os.replace(tmp, output)

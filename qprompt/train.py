@@ -164,6 +164,12 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
         state.update({k: saved[k] for k in state})
         wall_start -= state["wall_seconds"]
         log.info("resuming at step %d of %d", state["step"], cfg.max_steps)
+        # Lines logged after the checkpoint describe steps that will be run again: drop them.
+        log_path = output / "metrics.jsonl"
+        if log_path.exists():
+            lines = [x for x in log_path.read_text().splitlines() if x.strip()]
+            kept = [x for x in lines if json.loads(x)["step"] <= state["step"]]
+            log_path.write_text("".join(line + "\n" for line in kept))
 
     batch_size = min(cfg.batch_size, len(train_examples))
     metric_name = main_metric(recipe)

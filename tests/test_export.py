@@ -160,3 +160,18 @@ def test_every_method_exports_with_parity(tiny_model_dir, sentiment_files, tmp_p
     rows = [json.loads(x) for x in sentiment_files["test"].read_text().splitlines()][:8]
     encoder = Encoder(recipe, tok, 5)
     assert runtime.classify(rows) == classify(peft_model, encoder, encoder.encode_all(rows, "test"))
+
+
+def test_failed_parity_fails_the_export_and_writes_nothing(artifact, tmp_path, monkeypatch):
+    import qprompt.export as qexport
+
+    real = qexport.parity
+
+    def off_by_a_lot(*args, **kwargs):
+        report = real(*args, **kwargs)
+        return {**report, "max_abs_logit_diff": 0.5}
+
+    monkeypatch.setattr(qexport, "parity", off_by_a_lot)
+    with pytest.raises(QPromptError, match="does not match PyTorch"):
+        export(artifact, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()

@@ -96,6 +96,8 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_recipe, sentiment_files
     b = load_file(out / "checkpoint" / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.allclose(a, b, atol=1e-6)
     assert read_manifest(out)["training"]["steps"] == 6
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no step logged twice across the interruption
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning", "prefix-tuning"])
