@@ -155,7 +155,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
 def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dtype, device, shots, train_data,
                  limit, batch_size, json_out):
     """Score a soft prompt (ARTIFACT) or the hard-prompt baseline on labelled rows."""
-    from .artifact import load_artifact
+    from .artifact import load_artifact, read_manifest, recipe_of
     from .config import load_recipe
     from .data import demonstrations, load_splits, read_rows
     from .evaluate import evaluate
@@ -170,19 +170,20 @@ def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dt
         raise QPromptError("pass an ARTIFACT folder to score a soft prompt, or --baseline hard-prompt --recipe NAME")
     if shots and not baseline:
         raise QPromptError("--shots applies to the hard-prompt baseline: add --baseline hard-prompt")
+    # Read every input before loading a model, so a bad file fails in a second, not after a load.
+    cfg = load_recipe(recipe or "sentiment") if baseline else recipe_of(read_manifest(artifact))
+    rows = read_rows(data) if data else load_splits(cfg)["test"]
+    rows = rows[:limit] if limit else rows
     demos = None
+    if shots:
+        pool = read_rows(train_data) if train_data else load_splits(cfg)["train"]
+        demos = demonstrations(pool, shots, label_field=cfg.data.label_field)
     if baseline:
-        cfg = load_recipe(recipe or "sentiment")
-        if shots:
-            pool = read_rows(train_data) if train_data else load_splits(cfg)["train"]
-            demos = demonstrations(pool, shots, label_field=cfg.data.label_field)
         model, tokenizer, _ = load_model(model_name or cfg.model, quant or cfg.quant, compute_dtype, device)
         what = f"hard-prompt {shots}-shot baseline ({model_name or cfg.model}, {quant or cfg.quant})"
     else:
         model, tokenizer, cfg, _ = load_artifact(artifact, model_name, quant, compute_dtype, device)
         what = f"soft prompt {artifact}"
-    rows = read_rows(data) if data else load_splits(cfg)["test"]
-    rows = rows[:limit] if limit else rows
     metrics = evaluate(model, tokenizer, cfg, rows, data or f"{cfg.name} test split", hard_prompt=bool(baseline),
                        batch_size=batch_size, shots=demos)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")

@@ -114,6 +114,16 @@ def quantize_graph(source: Path, target: Path, kind: str) -> None:
     """int8: dynamic (weights int8, activations quantized per call); int4: MatMulNBits weight-only."""
     import onnx
 
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's quantizers log generic advice on the root logger
+    try:
+        _quantize(onnx, source, target, kind)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(onnx, source: Path, target: Path, kind: str) -> None:
     if kind == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -9,7 +9,7 @@ Supports:
              or your own .jsonl/.csv with "text" and "label" (positive/negative)
 
 Defaults live in sentiment.yaml beside this file. Run:
-  python recipes/sentiment.py                              # the whole job, ~20 minutes on 2 CPU cores
+  python recipes/sentiment.py                              # the whole job, ~25 minutes on 2 CPU cores
   python recipes/sentiment.py --quant none --max-steps 50  # override any default
 """
 

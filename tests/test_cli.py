@@ -79,8 +79,9 @@ def test_bad_input_gives_one_line_errors(artifact, tiny_model_dir, sentiment_fil
     assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", tmp_path / "new", "--resume"),
                        "nothing to resume")
     assert_clean_error(run("eval", tmp_path, "--data", sentiment_files["test"]), "not a qprompt artifact")
-    assert_clean_error(run("eval", "--baseline", "hard-prompt", "--model", "no such model", "--data", bad),
-                       "unknown model")
+    assert_clean_error(run("eval", "--baseline", "hard-prompt", "--model", "no such model", "--data",
+                           sentiment_files["test"]), "unknown model")
+    assert_clean_error(run("eval", artifact, "--data", bad), "line 2 is not valid JSON")  # before any model load
 
 
 def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment_files, tmp_path):
