@@ -295,8 +295,4 @@ def collate(examples: list[Example], pad_id: int, with_target: bool = True,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(examples: list[Example], size: int, order: list[int] | None = None):
-    order = order if order is not None else list(range(len(examples)))
-    for start in range(0, len(order), size):
-        yield [examples[i] for i in order[start : start + size]]
 

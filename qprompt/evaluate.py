@@ -11,7 +11,7 @@ import time
 import torch
 
 from .config import RecipeConfig
-from .data import Encoder, Example, batches, collate
+from .data import Encoder, Example, collate
 from .methods import next_token_logprobs, target_logprobs, virtual_tokens
 from .metrics import classification_metrics, rouge_l
 
@@ -27,7 +27,9 @@ def classify(model, encoder: Encoder, examples: list[Example], batch_size: int =
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     scores = torch.empty(len(examples), len(labels))
     single_token = all(len(c) == 1 for c in candidates) if single_pass is None else single_pass
-    for chunk_start, chunk in _enumerate_batches(examples, batch_size, order):
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        chunk = [examples[i] for i in idx]
         if single_token:  # one pass scores every label at once
             batch = collate(chunk, pad, with_target=False)
             logprobs = next_token_logprobs(model, batch["input_ids"].to(model.device),
@@ -37,16 +39,8 @@ def classify(model, encoder: Encoder, examples: list[Example], batch_size: int =
             pairs = [Example(e.prompt_ids, c, None) for e in chunk for c in candidates]
             batch = {k: v.to(model.device) for k, v in collate(pairs, pad).items()}
             chunk_scores = target_logprobs(model, batch)[0].view(len(chunk), len(labels)).cpu()
-        idx = order[chunk_start : chunk_start + len(chunk)]
         scores[idx] = chunk_scores.float()
     return [labels[i] for i in scores.argmax(dim=1).tolist()]
-
-
-def _enumerate_batches(examples, size, order):
-    start = 0
-    for chunk in batches(examples, size, order):
-        yield start, chunk
-        start += len(chunk)
 
 
 @torch.no_grad()
