@@ -2,14 +2,16 @@
 
 Latency (median of --repeats) of one request — a real review in the sentiment template — for:
   (a) PEFT + PyTorch `generate` (float32, unquantized base)
-  (b) the qprompt ONNX graph: fp32, int8, int4
+  (b) the qprompt ONNX graph: fp32, int8 (weight-only), int8-dynamic, int4, nf4
   (c) the bare base exported the same way, with no soft prompt
 Time to first token = prefill of the real tokens + the first token; per-token = mean decode step.
 The latency prompt has --virtual-tokens (default 100) virtual tokens, trained for one step: speed
 does not depend on the prompt's values.
 
-Agreement: the trained sentiment artifact (--artifact) exported fp32 and int8, both classifying
-the shared test split; reports accuracy of each and how often they agree.
+Agreement: the trained sentiment artifact (--artifact, trained on nf4) exported in every quantization,
+each classifying the shared test split; reports the accuracy of each, how often it agrees with the
+full-precision fp32 graph, and how often with the nf4 weights the prompt was trained against (the
+nf4 export's fp32 graph, which passes parity against the bitsandbytes PyTorch model).
 
     python bench/inference.py --artifact runs/bench-sentiment [--rows 2000]
 """
@@ -26,6 +28,13 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
+
+
+GRAPHS = ("fp32", "int8", "int8-dynamic", "int4", "nf4")
+
+
+def graph_file(quantization: str) -> str:
+    return "model.onnx" if quantization == "fp32" else f"model.{quantization}.onnx"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -126,7 +135,7 @@ def latency_part(results, virtual_tokens, new_tokens, repeats, work):
     train(recipe, model, tok, info, splits, work / "latency-artifact", overwrite=True, progress=False)
 
     export(work / "latency-artifact", work / "latency", overwrite=True)
-    for q in ("int8", "int4"):
+    for q in GRAPHS[1:]:
         quantize_graph(work / "latency" / "model.onnx", work / "latency" / f"model.{q}.onnx", q)
     export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe)
 
@@ -137,52 +146,67 @@ def latency_part(results, virtual_tokens, new_tokens, repeats, work):
     results["prompt_tokens"] = len(prompt_ids)
     rows_out = {}
     rows_out["(a) PEFT + PyTorch generate"] = torch_latency(peft_model, tok, prompt_ids, new_tokens, repeats)
-    for q in ("model.onnx", "model.int8.onnx", "model.int4.onnx"):
-        runtime = ExportedModel(work / "latency", q, providers=["CPUExecutionProvider"])
+    for q in GRAPHS:
+        runtime = ExportedModel(work / "latency", graph_file(q), providers=["CPUExecutionProvider"])
         rows_out[f"(b) qprompt ONNX {q}"] = onnx_latency(runtime, prompt_ids, new_tokens, repeats)
     bare = ExportedModel(work / "bare", providers=["CPUExecutionProvider"])
     rows_out["(c) bare base ONNX fp32"] = onnx_latency(bare, prompt_ids, new_tokens, repeats)
     results["latency_ms"] = {k: {"ttft": round(a * 1e3, 2), "per_token": round(b * 1e3, 2)}
                              for k, (a, b) in rows_out.items()}
-    for p in ("model.onnx", "model.int8.onnx", "model.int4.onnx"):
-        results.setdefault("size_mb", {})[p] = round((work / "latency" / p).stat().st_size / 1e6, 1)
+    for q in GRAPHS:
+        results.setdefault("size_mb", {})[q] = round((work / "latency" / graph_file(q)).stat().st_size / 1e6, 1)
 
 
 def agreement_part(results, artifact, rows, work):
-    """int8 vs fp32 on the sentiment test split, with the trained artifact."""
+    """Every quantized graph of the trained artifact against fp32 and against the trained-on nf4 weights."""
     from qprompt.data import read_rows
-    from qprompt.export import export
+    from qprompt.export import export, quantize_graph
     from qprompt.metrics import classification_metrics
     from qprompt.runtime import ExportedModel
 
-    export(artifact, work / "trained", quantize="int8", overwrite=True)
+    export(artifact, work / "trained", overwrite=True)
+    for q in ("int8", "int8-dynamic", "int4"):
+        quantize_graph(work / "trained" / "model.onnx", work / "trained" / graph_file(q), q)
+    export(artifact, work / "trained-nf4", quantize="nf4", overwrite=True)
+    graphs = {q: (work / "trained", graph_file(q)) for q in GRAPHS if q != "nf4"}
+    graphs["nf4 weights in fp32"] = (work / "trained-nf4", "model.onnx")
+    graphs["nf4"] = (work / "trained-nf4", "model.nf4.onnx")
     test_rows = read_rows(str(DATA / "test.jsonl"))[:rows]
     refs = [r["label"] for r in test_rows]
-    preds = {}
-    for name in ("model.onnx", "model.int8.onnx"):
-        runtime = ExportedModel(work / "trained", name, providers=["CPUExecutionProvider"])
+    preds, table = {}, {}
+    for name, (folder, file) in graphs.items():
+        runtime = ExportedModel(folder, file, providers=["CPUExecutionProvider"])
         start = time.perf_counter()
         preds[name] = runtime.classify(test_rows)
-        results.setdefault("classification", {})[name] = {
-            **classification_metrics(preds[name], refs, ["positive", "negative"]),
-            "seconds": round(time.perf_counter() - start, 1)}
-    same = sum(a == b for a, b in zip(preds["model.onnx"], preds["model.int8.onnx"]))
-    results["int8_agreement_with_fp32"] = same / len(refs)
+        table[name] = {**classification_metrics(preds[name], refs, ["positive", "negative"]),
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "mb": round((folder / file).stat().st_size / 1e6, 1)}
+    for name, row in table.items():
+        for other, key in (("fp32", "agreement_with_fp32"), ("nf4 weights in fp32", "agreement_with_nf4_weights")):
+            row[key] = sum(a == b for a, b in zip(preds[name], preds[other])) / len(refs)
+    results["classification"] = table
+    results.pop("int8_agreement_with_fp32", None)  # from the earlier, int8-dynamic-only version of this part
 
 
-def show(results):
-    lat = results["latency_ms"]
+def show_latency(lat):
     bare_ms = lat["(c) bare base ONNX fp32"]
     click.echo(f"{'':<34}{'TTFT ms':>10}{'per token ms':>14}")
     for k, v in lat.items():
         click.echo(f"{k:<34}{v['ttft']:>10.1f}{v['per_token']:>14.1f}")
-    fp32 = lat["(b) qprompt ONNX model.onnx"]
+    fp32 = lat["(b) qprompt ONNX fp32"]
     click.echo(f"soft prompt over bare base: TTFT {fp32['ttft'] / bare_ms['ttft'] - 1:+.1%}, "
                f"per token {fp32['per_token'] / bare_ms['per_token'] - 1:+.1%}")
     click.echo(f"ONNX fp32 TTFT speed-up over PEFT: {lat['(a) PEFT + PyTorch generate']['ttft'] / fp32['ttft']:.2f}x")
-    for name, m in results["classification"].items():
-        click.echo(f"{name}: accuracy {m['accuracy']:.4f} on {m['rows']} test rows ({m['seconds']:.0f} s)")
-    click.echo(f"int8 agrees with fp32 on {results['int8_agreement_with_fp32']:.2%} of rows")
+
+
+def show(results):
+    lat = results.get("latency_ms", {})
+    if "(b) qprompt ONNX fp32" in lat:  # absent until the latency part has run with this version
+        show_latency(lat)
+    click.echo(f"\n{'graph':<22}{'MB':>7}{'accuracy':>10}{'= fp32':>9}{'= nf4 w':>9}{'seconds':>9}")
+    for name, m in results.get("classification", {}).items():
+        click.echo(f"{name:<22}{m['mb']:>7.0f}{m['accuracy']:>10.4f}{m['agreement_with_fp32']:>9.2%}"
+                   f"{m['agreement_with_nf4_weights']:>9.2%}{m['seconds']:>9.0f}  ({m['rows']} test rows)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import click
 
 from .errors import QPromptError
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
-from .runtime import ExportError
+from .runtime import QUANTIZATIONS, ExportError
 
 log = logging.getLogger("qprompt")
 
@@ -95,6 +95,8 @@ def model_options(fn):
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward pass: much less memory, ~30% slower (see `qprompt plan`).")
 @click.option("--eval-every", type=click.IntRange(0), default=None, help="Evaluate every N steps (0: at the end).")
 @click.option("--max-length", type=click.IntRange(8), default=None, help="Most tokens in one example.")
 @click.option("--on-long", type=click.Choice(["truncate", "error"]), default=None,

@@ -27,10 +27,10 @@ from . import __version__
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
 from .methods import is_prefix, virtual_tokens
-from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, ExportedModel, Sampling
+from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
 
 log = logging.getLogger("qprompt")
-QUANTIZATIONS = ("none", "int8", "int4")
+BNB4 = ("nf4", "fp4")  # bitsandbytes 4-bit formats, reproduced exactly from the quantized base
 # The fp32 graph must match PyTorch to max |logit diff| <= max(1e-4, 1e-5 x the largest |logit|). The
 # relative part is float32 reassociation: on SmolLM2-135M (30 layers, |logits| up to ~45) PyTorch
 # itself differs from PEFT's forward by ~5e-5 once the prompt's keys/values are computed separately.
@@ -111,7 +111,7 @@ def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
 
 
 def quantize_graph(source: Path, target: Path, kind: str) -> None:
-    """int8: dynamic (weights int8, activations quantized per call); int4: MatMulNBits weight-only."""
+    """Write `source` quantized as `kind` (see QUANTIZATIONS) to `target`."""
     import onnx
 
     root = logging.getLogger()
@@ -124,20 +124,32 @@ def quantize_graph(source: Path, target: Path, kind: str) -> None:
 
 
 def _quantize(onnx, source: Path, target: Path, kind: str) -> None:
-    if kind == "int8":
+    model = onnx.load(str(source))
+    if kind == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # Unsigned weights (U8U8): with signed weights, AVX2 CPUs without VNNI saturate in the int8 dot
         # product; on SmolLM2 that took next-token agreement with fp32 from 96% to 0%.
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True)
-    elif kind == "int4":
+        return
+    if kind in ("int8", "int4"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=32, is_symmetric=True)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+        # Weight-only: activations stay float, which is what keeps int8 within a point of fp32 (the
+        # dynamic form, which quantizes activations too, agreed with fp32 on 92.9% of SmolLM2's labels).
+        quantizer = MatMulNBitsQuantizer(model, bits=int(kind[-1]), block_size=32, is_symmetric=True)
+    elif kind in BNB4:
+        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+        # bitsandbytes leaves the LM head unquantized; so do we. Blocks of 64 along the input dimension are
+        # bitsandbytes' blocks too, so re-quantizing its dequantized weights gives back the same codes.
+        head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
+        quant_type = MatMulBnb4Quantizer.NF4 if kind == "nf4" else MatMulBnb4Quantizer.FP4
+        quantizer = MatMulBnb4Quantizer(model, quant_type, 64, nodes_to_exclude=head)
     else:
         raise QPromptError(f"unknown quantization {kind!r}: use one of {', '.join(QUANTIZATIONS)}")
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
 def _file_mb(folder: Path, name: str) -> float:
@@ -193,19 +205,23 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
     if output.exists() and any(output.iterdir()) and not (output / EXPORT_MANIFEST).exists():
         raise QPromptError(f"{output} exists and is not an export folder; choose an empty or new --output")
     start = time.perf_counter()
-    # bitsandbytes layers cannot be exported: always export from the full-precision float32 base.
+    # bitsandbytes layers cannot be exported: export from float32 weights, either the full-precision base
+    # or, for nf4/fp4, the bitsandbytes-quantized base dequantized (the exact weights it computes with).
+    weights = quantize if quantize in BNB4 else "none"
     if base_model is None:
-        model, tokenizer, recipe, manifest = load_artifact(artifact, quant="none", compute_dtype="float32",
+        model, tokenizer, recipe, manifest = load_artifact(artifact, quant=weights, compute_dtype="float32",
                                                            device="cpu")
         samples = manifest.get("samples") or []
     else:
         from .models import load_model
 
-        model, tokenizer, info = load_model(base_model, "none", "float32", "cpu")
+        model, tokenizer, info = load_model(base_model, weights, "float32", "cpu")
         manifest = {"base": info.to_dict(), "method": "none", "virtual_tokens": 0}
         samples = []
     model.eval()
     base = model.get_base_model() if virtual_tokens(model) else model
+    if weights != "none":
+        base.dequantize()  # swaps each Linear4bit for a float32 Linear holding the same values
     module = MergedPromptDecoder(base, constant_prefix(model)).eval()
 
     tmp = output.with_name(output.name + ".partial")
@@ -242,6 +258,7 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
             "max_positions": getattr(base.config, "max_position_embeddings", 2048) - module.num_virtual,
             "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": [eos] if eos is not None else [],
             "opset": opset, "quantization": "none", "files": {},
+            "fp32_weights": "dequantized " + weights if weights != "none" else "full precision",
         }
         write_json(tmp / EXPORT_MANIFEST, data)
 

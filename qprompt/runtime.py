@@ -21,6 +21,11 @@ import numpy as np
 
 EXPORT_MANIFEST = "qprompt-export.json"
 EXPORT_FORMAT = "qprompt-export/1"
+# none: fp32 only. int8: weight-only, 8-bit blocks of 32 (MatMulNBits). int8-dynamic: int8 weights and
+# activations quantized per call (ORT's quantize_dynamic). int4: weight-only, 4-bit blocks of 32.
+# nf4/fp4: bitsandbytes' 4-bit formats (MatMulBnb4, blocks of 64), made from the bitsandbytes-quantized
+# base itself, so the graph holds the very weights an nf4/fp4-trained prompt was trained against.
+QUANTIZATIONS = ("none", "int8", "int8-dynamic", "int4", "nf4", "fp4")
 
 
 class ExportError(Exception):

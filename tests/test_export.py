@@ -47,6 +47,7 @@ def test_export_passes_parity_and_writes_a_self_contained_folder(exported):
     assert manifest["label_targets"] == {"positive": " positive", "negative": " negative"}
     assert manifest["model_file"] == "model.int8.onnx"
     assert manifest["files"]["model.int8.onnx"]["next_token_top1_agreement"] >= 0.75
+    assert manifest["fp32_weights"] == "full precision"  # int8 starts from the unquantized base
     for name in ("model.onnx", "model.int8.onnx", "tokenizer.json"):
         assert (exported / name).is_file()
 
@@ -100,13 +101,35 @@ def test_sampling_is_seeded_and_stops(exported):
         assert first[1:3] not in cut
 
 
-@pytest.mark.parametrize("quant", ["int4"])
-def test_int4_graph_runs(artifact, tmp_path, quant):
+@pytest.mark.parametrize("quant", ["int8-dynamic", "int4", "fp4"])
+def test_other_quantized_graphs_run(artifact, tmp_path, quant):
     data = export(artifact, tmp_path / quant, quantize=quant)
     info = data["files"][f"model.{quant}.onnx"]
     assert info["mb"] > 0 and 0 <= info["next_token_top1_agreement"] <= 1
     runtime = ExportedModel(tmp_path / quant)
     assert set(runtime.classify(["fine", "awful"])) <= {"positive", "negative"}
+
+
+def test_nf4_graph_holds_the_weights_the_prompt_was_trained_against(artifact, exported, tmp_path):
+    """The artifact was trained on nf4: the nf4 export's fp32 graph is bitsandbytes' dequantized weights,
+    passes parity against the bitsandbytes model, and MatMulBnb4 reproduces those weights exactly."""
+    import onnx
+
+    data = export(artifact, tmp_path / "nf4", quantize="nf4")
+    assert data["fp32_weights"] == "dequantized nf4" and data["model_file"] == "model.nf4.onnx"
+    assert data["parity"]["max_abs_logit_diff"] < 1e-4 and data["parity"]["greedy_tokens_equal"]
+    info = data["files"]["model.nf4.onnx"]
+    assert info["max_abs_next_token_logit_diff"] < 1e-4 and info["next_token_top1_agreement"] == 1.0
+    graph = onnx.load(str(tmp_path / "nf4" / "model.nf4.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulBnb4") == 2 * 7  # every projection of both layers; the LM head stays float
+    # ...and those are not the full-precision weights: the plain fp32 export differs from it.
+    plain = ExportedModel(exported, "model.onnx")
+    nf4 = ExportedModel(tmp_path / "nf4", "model.onnx")
+    x = np.array([plain.prompt_ids("a fine film")])
+    a, _ = plain.forward(x, np.ones_like(x), plain.empty_past(1))
+    b, _ = nf4.forward(x, np.ones_like(x), nf4.empty_past(1))
+    assert np.abs(a - b).max() > 1e-3
 
 
 def test_runtime_imports_no_torch(exported):
