@@ -108,7 +108,8 @@ def model_options(fn):
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
 def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, encoder,
           prefix_projection, virtual_tokens, init,
-          max_steps, batch_size, grad_accum, lr, eval_every, max_length, on_long, seed, output, resume, overwrite):
+          max_steps, batch_size, grad_accum, lr, gradient_checkpointing, eval_every, max_length, on_long, seed,
+          output, resume, overwrite):
     """Train a soft prompt; the base model stays frozen."""
     from .config import load_recipe, override
     from .data import load_splits
@@ -123,6 +124,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
                    method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,
                    method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,
                    train__grad_accum=grad_accum, train__lr=lr, train__eval_every=eval_every, train__seed=seed,
+                   train__gradient_checkpointing=gradient_checkpointing,
                    data__max_length=max_length, data__on_long=on_long)
     output = Path(output or f"runs/{cfg.name}-{cfg.method.name}-{cfg.quant}")
     splits = load_splits(cfg, data, eval_data)
@@ -245,8 +247,10 @@ def _open_export(folder, model_file=None, providers=None):
 @main.command("export")
 @click.argument("artifact", type=click.Path())
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="Export folder to write.")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Also write a quantized graph (int8: dynamic; int4: MatMulNBits weight-only) and use it.")
+@click.option("--quantize", type=click.Choice(list(QUANTIZATIONS)), default="none", show_default=True,
+              help="Also write a quantized graph and use it. int8/int4: weight-only blocks (MatMulNBits); "
+                   "int8-dynamic: activations too (faster on VNNI CPUs, less exact); nf4/fp4: bitsandbytes' "
+                   "4-bit weights (MatMulBnb4), identical to those an nf4/fp4-trained prompt saw.")
 @click.option("--opset", type=click.IntRange(18), default=20, show_default=True, help="ONNX opset.")
 @click.option("--parity-tokens", type=click.IntRange(1), default=8, show_default=True,
               help="Greedy tokens that must match PyTorch.")
@@ -263,7 +267,7 @@ def export_command(artifact, output, quantize, opset, parity_tokens, overwrite):
     for name, info in data["files"].items():
         extra = ""
         if "next_token_top1_agreement" in info:
-            extra = (f", next-token agreement with fp32 {info['next_token_top1_agreement']:.0%}, "
+            extra = (f", next-token agreement with model.onnx {info['next_token_top1_agreement']:.0%}, "
                      f"max logit diff {info['max_abs_next_token_logit_diff']:.3f}")
         click.echo(f"  {name}: {info['quantization']}, {info['mb']:.1f} MB{extra}")
 
@@ -349,3 +353,55 @@ def recipes(name):
     for cfg in list_recipes():
         click.echo(f"{cfg.name:<12} {cfg.task:<15} {cfg.description}")
     click.echo(f"\ndefault model: {DEFAULT_MODEL}; show one with `qprompt recipes NAME`")
+
+
+@main.command()
+@click.option("--model", "model_name", type=str, default=DEFAULT_MODEL, show_default=True,
+              help="Alias, local folder, hub id (only its config.json is read) or an architecture preset "
+                   "(llama-3-8b).")
+@click.option("--quant", type=click.Choice(QUANTS), default="nf4", show_default=True, help="Base quantization.")
+@click.option("--method", type=click.Choice(["prompt-tuning", "p-tuning", "prefix-tuning"]), default="prompt-tuning",
+              show_default=True, help="Soft-prompt method.")
+@click.option("--virtual-tokens", type=click.IntRange(1), default=100, show_default=True, help="Virtual tokens.")
+@click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="Examples per micro-batch.")
+@click.option("--seq-len", type=click.IntRange(1), default=512, show_default=True,
+              help="Tokens in the longest example (prompt + target, without the virtual tokens).")
+@click.option("--target-tokens", type=click.IntRange(1), default=2, show_default=True,
+              help="Scored tokens per example (the label words; longer for generation).")
+@click.option("--gpu-gib", type=float, default=8.0, show_default=True, help="GPU memory to fit in, GiB.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cuda: peak allocated memory, bfloat16 compute; cpu: peak resident memory, float32 compute.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Plan with activation recomputation on.")
+def plan(model_name, quant, method, virtual_tokens, batch, seq_len, target_tokens, gpu_gib, device,
+         gradient_checkpointing):
+    """Predict peak training memory from the model's config alone, and say whether it fits the GPU."""
+    from .plan import CUDA_CONTEXT_GIB, Shape, advise, load_config, plan_memory
+
+    quiet_libraries()
+    try:
+        shape = Shape.of(load_config(model_name))
+    except OSError as exc:
+        raise QPromptError(f"could not read the config of {model_name} ({str(exc).splitlines()[0]})") from exc
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    options = dict(quant=quant, method=method, virtual_tokens=virtual_tokens, batch=batch, seq_len=seq_len,
+                   compute_dtype=dtype, checkpointing=gradient_checkpointing, target_tokens=target_tokens)
+    if device == "cuda":
+        p, advice = advise(shape, gpu_gib, **options)
+    else:
+        p, advice = plan_memory(shape, device="cpu", **options), []
+    click.echo(f"{model_name}: {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; {method} "
+               f"({virtual_tokens} virtual tokens), {quant}, batch {batch} x {seq_len} tokens, {dtype}"
+               f"{', gradient checkpointing' if gradient_checkpointing else ''}")
+    for name in ("weights", "prompt", "activations", "logits", "backward_working_set", "runtime"):
+        value = getattr(p, name)
+        if value:
+            click.echo(f"  {name.replace('_', ' '):<22}{value:>8.2f} GiB")
+    what = "peak allocated (CUDA)" if device == "cuda" else "peak resident (RSS)"
+    click.echo(f"  {'total':<22}{p.total:>8.2f} GiB  {what}")
+    if device == "cpu":
+        return
+    needed = p.total + CUDA_CONTEXT_GIB
+    if not advice:
+        click.echo(f"fits a {gpu_gib:g} GiB GPU ({needed:.2f} GiB with the CUDA context)")
+    else:
+        click.echo(f"does not fit a {gpu_gib:g} GiB GPU ({needed:.2f} GiB with the CUDA context): {advice[0]}")

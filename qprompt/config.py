@@ -84,6 +84,9 @@ class TrainConfig:
     eval_rows: int = _f(400, "validation rows used for the periodic evaluation (0: all)")
     log_every: int = _f(5, "write a metrics line every N steps")
     seed: int = _f(0, "seed for initialisation and data order")
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass: activation "
+                                      "memory of one layer instead of all, for ~30% more compute (`qprompt plan` "
+                                      "says when a run needs it)")
 
 
 @dataclass

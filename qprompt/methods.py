@@ -21,6 +21,7 @@ from peft import (
     PromptTuningInit,
     get_peft_model,
 )
+from transformers import DynamicCache
 
 from .config import MethodConfig, RecipeConfig
 from .errors import QPromptError
@@ -86,6 +87,25 @@ def base_of(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+class FixedPrefix(DynamicCache):
+    """A KV cache that holds the learned prefix and is never written: each layer reads prefix + its own
+    keys/values. Because the forward does not mutate it, a checkpointed layer can be run twice."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant: the base stays frozen)."""
+    base = base_of(model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers drops a layer's cache under checkpointing, since a layer that writes it would write twice.
+    # qprompt's forward passes only a FixedPrefix, which is read-only: tell the layers to keep it.
+    for layer in base.get_decoder().layers:
+        layer._can_checkpoint_with_cache = True
+
+
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states of the real tokens (B, L, H), with the soft prompt (if any) in front."""
     base = base_of(model)
@@ -97,9 +117,10 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + n_virtual
     mask = torch.cat([attention_mask.new_ones((batch, n_virtual)), attention_mask], dim=1)
     decoder = base.get_decoder()
-    if is_prefix(model):  # the prefix is a ready KV cache, fresh each call (the forward appends to it)
+    if is_prefix(model):  # the learned keys/values, read (never extended) by every layer
+        prefix = [(layer.keys, layer.values) for layer in model.get_prompt(batch_size=batch).layers]
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                      past_key_values=model.get_prompt(batch_size=batch), use_cache=True)
+                      past_key_values=FixedPrefix(ddp_cache_data=prefix), use_cache=True)
         return out.last_hidden_state
     if n_virtual:  # prompt tuning, p-tuning: virtual token embeddings in front, at positions 0..n-1
         prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)

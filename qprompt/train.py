@@ -25,7 +25,7 @@ from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
 from .errors import QPromptError
 from .evaluate import evaluate, main_metric
-from .methods import add_soft_prompt, target_logprobs, trainable_parameters
+from .methods import add_soft_prompt, enable_gradient_checkpointing, target_logprobs, trainable_parameters
 from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
@@ -144,6 +144,8 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
     else:
         saved = None
     model = add_soft_prompt(model, recipe, info.path, cfg.seed)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if saved is not None:
         # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
         model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
@@ -240,7 +242,8 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": state["step"], "loss": round(loss_sum / loss_n, 5),
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1)}
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1),
+                          "tokens": window_tokens, "seconds": round(elapsed, 3)}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -92,3 +92,26 @@ def test_class_label_init_uses_the_label_words(tiny_model_dir):
     prompt = model.prompt_encoder["default"].embedding.weight
     for i in range(5):  # PEFT repeats the words' tokens to fill the virtual tokens
         assert torch.allclose(prompt[i], table[words[i % len(words)]])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(tiny_model_dir, method):
+    from qprompt.methods import enable_gradient_checkpointing
+
+    def grads_and_saved(checkpointing):
+        torch.manual_seed(0)
+        model, tok, recipe = _model(tiny_model_dir, method, "nf4")
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        batch = collate([Encoder(recipe, tok, 5).encode(r) for r in ROWS], tok.pad_token_id)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logp, n = target_logprobs(model, batch)
+        (-logp.sum() / n.sum()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad], sum(saved)
+
+    plain, plain_saved = grads_and_saved(False)
+    ckpt, ckpt_saved = grads_and_saved(True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
+    assert ckpt_saved < plain_saved
