@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     from qprompt.train import train
 
     folder = SHARED / FOLDERS[task]
-    recipe = override(load_recipe(task), quant=quant, method__name=method, train__max_steps=max_steps)
+    recipe = override(load_recipe(task), quant=quant, method__name=method, train__max_steps=max_steps,
+                      train__eval_every=0, train__eval_rows=200)  # one validation check, at the end
     if method != "prompt-tuning":
         recipe.method.init = "random"  # the encoder methods have no text init
     test = read_rows(str(folder / "test.jsonl"))[:test_limit]
@@ -85,11 +87,17 @@ def write_table(rows: list[dict]) -> str:
 @click.option("--shots", default=4, show_default=True, help="k for the k-shot row.")
 @click.option("--max-steps", type=int, default=None, help="Override every recipe's steps.")
 @click.option("--test-limit", type=int, default=None, help="Score only the first N test rows.")
-def main(tasks, methods, quants, shots, max_steps, test_limit):
+@click.option("--row", "row_spec", default=None, hidden=True)
+def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
     sys.path.insert(0, str(ROOT))
     from qprompt.cli import quiet_libraries
 
     quiet_libraries()
+    if row_spec:  # child process: one row, written to its JSON file
+        *spec, out = json.loads(row_spec)
+        row = run_row(*spec)
+        Path(out).write_text(json.dumps(row, indent=1) + "\n")
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     for task in tasks.split(","):
@@ -101,17 +109,25 @@ def main(tasks, methods, quants, shots, max_steps, test_limit):
             if path.exists():  # each row runs in a fresh process in practice; reuse finished ones
                 rows.append(json.loads(path.read_text()))
                 continue
-            row = run_row(task, kind, method, quant, max_steps, test_limit, k)
-            row["command"] = " ".join(sys.argv)
+            # One process per row, so its peak RSS is its own.
+            spec = json.dumps([task, kind, method, quant, max_steps, test_limit, k, str(path)])
+            done = subprocess.run([sys.executable, __file__, "--row", spec], stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise click.ClickException(f"row {name} failed:\n{done.stderr[-3000:]}")
+            row = {**json.loads(path.read_text()), "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]])}
             path.write_text(json.dumps(row, indent=1) + "\n")
             rows.append(row)
             click.echo(f"{task:<10} {row['method']:<22} {quant:<5} {row['metric']} {row['value']:.4f}")
-    table = write_table(rows)
-    click.echo(table)
+            write_doc(rows)  # after every row: a long run that stops early still leaves its table
+    click.echo(write_table(rows))
+
+
+def write_doc(rows: list[dict]) -> None:
     doc = ROOT / "docs" / "results.md"
     doc.write_text("# Quality: soft prompts against prompt engineering\n\n"
                    f"Produced by `python bench/quality.py {' '.join(sys.argv[1:])}` on this repository's "
-                   "2-core CPU machine; settings per row are in bench/results/quality/*.json.\n\n" + table + "\n")
+                   "2-core CPU machine; settings per row are in bench/results/quality/*.json.\n\n"
+                   + write_table(rows) + "\n")
 
 
 if __name__ == "__main__":
