@@ -41,7 +41,8 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     from qprompt.train import train
 
     folder = SHARED / FOLDERS[task]
-    recipe = override(load_recipe(task), quant=quant, method__name=method, train__max_steps=max_steps,
+    recipe = override(load_recipe(task), quant=quant, method__name=method if kind == "soft" else None,
+                      train__max_steps=max_steps,
                       train__eval_every=0, train__eval_rows=200)  # one validation check, at the end
     if method != "prompt-tuning":
         recipe.method.init = "random"  # the encoder methods have no text init

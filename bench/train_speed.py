@@ -77,7 +77,8 @@ def bench_recipe(args: dict, model_path: str):
                       method__virtual_tokens=args["virtual_tokens"], method__init="random",
                       train__max_steps=args["steps"], train__batch_size=args["batch"], train__lr=3e-2,
                       train__warmup_steps=2, train__eval_every=0, train__eval_rows=8, train__log_every=1,
-                      train__gradient_checkpointing=args["gradient_checkpointing"])
+                      train__gradient_checkpointing=args["gradient_checkpointing"],
+                      train__lean_memory=args["lean_memory"])
     if args["arch"]:  # synthetic rows: the template is the row itself, the label one word
         recipe.template.prompt, recipe.template.instruction, recipe.template.chat = "{text}", "", False
         recipe.labels = {"positive": "yes", "negative": "no"}
@@ -231,12 +232,13 @@ def plan_for(args: dict, model_path: str) -> dict:
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per synthetic row (with --arch).")
 @click.option("--steps", default=20, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Both trainers recompute activations.")
+@click.option("--lean-memory", is_flag=True, help="qprompt's CPU lean-memory mode (train.lean_memory).")
 @click.option("--trainers", default="qprompt,peft-trainer", show_default=True)
 @click.option("--out", "json_out", default=None,
               help="JSON path [default: bench/results/train_speed-DEVICE-MODEL-QUANT.json].")
 @click.option("--worker", "worker_args", default=None, hidden=True)
-def main(model, arch, quant, method, virtual_tokens, batch, seq_len, steps, gradient_checkpointing, trainers, json_out,
-         worker_args):
+def main(model, arch, quant, method, virtual_tokens, batch, seq_len, steps, gradient_checkpointing, lean_memory,
+         trainers, json_out, worker_args):
     if worker_args:  # child process: one trainer, result as JSON on the last stdout line
         click.echo(json.dumps(worker(json.loads(worker_args))))
         return
@@ -246,6 +248,7 @@ def main(model, arch, quant, method, virtual_tokens, batch, seq_len, steps, grad
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = {"model": model, "arch": arch, "quant": quant, "method": method, "virtual_tokens": virtual_tokens,
             "batch": batch, "seq_len": seq_len, "steps": steps, "gradient_checkpointing": gradient_checkpointing,
+            "lean_memory": lean_memory,
             "device": device, "dtype": "bfloat16" if device == "cuda" else "float32"}
     results = {"args": args, "command": " ".join(["python", *sys.argv]), "runs": {}}
     if device == "cuda":
@@ -256,11 +259,14 @@ def main(model, arch, quant, method, virtual_tokens, batch, seq_len, steps, grad
         if done.returncode != 0:
             raise click.ClickException(f"{trainer} failed:\n{done.stderr[-3000:]}")
         results["runs"][trainer] = json.loads(done.stdout.strip().splitlines()[-1])
-    model_path = str(random_model_folder(arch)) if arch else model
+    from qprompt.models import resolve_model
+
+    model_path = str(random_model_folder(arch)) if arch else resolve_model(model)
     results["plan"] = plan_for(args, model_path)
     show(results)
     name = arch or model
-    path = Path(json_out or ROOT / "bench" / "results" / f"train_speed-{device}-{name}-{quant}.json")
+    mode = "-lean" if lean_memory else ""
+    path = Path(json_out or ROOT / "bench" / "results" / f"train_speed-{device}-{name}-{quant}{mode}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
     click.echo(f"wrote {path}")

@@ -97,6 +97,8 @@ def model_options(fn):
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward pass: much less memory, ~30% slower (see `qprompt plan`).")
+@click.option("--lean-memory/--no-lean-memory", default=None,
+              help="CPU: return freed activation memory to the OS at once (peak RSS -40%, ~30% slower).")
 @click.option("--eval-every", type=click.IntRange(0), default=None, help="Evaluate every N steps (0: at the end).")
 @click.option("--max-length", type=click.IntRange(8), default=None, help="Most tokens in one example.")
 @click.option("--on-long", type=click.Choice(["truncate", "error"]), default=None,
@@ -108,8 +110,8 @@ def model_options(fn):
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
 def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, encoder,
           prefix_projection, virtual_tokens, init,
-          max_steps, batch_size, grad_accum, lr, gradient_checkpointing, eval_every, max_length, on_long, seed,
-          output, resume, overwrite):
+          max_steps, batch_size, grad_accum, lr, gradient_checkpointing, lean_memory, eval_every, max_length, on_long,
+          seed, output, resume, overwrite):
     """Train a soft prompt; the base model stays frozen."""
     from .config import load_recipe, override
     from .data import load_splits
@@ -124,7 +126,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
                    method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,
                    method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,
                    train__grad_accum=grad_accum, train__lr=lr, train__eval_every=eval_every, train__seed=seed,
-                   train__gradient_checkpointing=gradient_checkpointing,
+                   train__gradient_checkpointing=gradient_checkpointing, train__lean_memory=lean_memory,
                    data__max_length=max_length, data__on_long=on_long)
     output = Path(output or f"runs/{cfg.name}-{cfg.method.name}-{cfg.quant}")
     splits = load_splits(cfg, data, eval_data)

@@ -33,6 +33,23 @@ CHECKPOINT = "checkpoint"
 OWN_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST, "metrics.jsonl", "loss.png", "README.md")
 
 
+def return_freed_memory_to_the_os() -> None:
+    """On glibc, serve allocations over 128 KiB with mmap, so a freed activation goes back to the OS at once.
+
+    By default glibc keeps freed heap memory for reuse: each step's activations (GBs at batch 16) then
+    leave the resident size at its high-water mark plus fragmentation. Measured on SmolLM2-135M nf4,
+    batch 16: resident size after a forward pass 4.8 GiB by default, 3.8 GiB with this (2.7 GiB of it
+    the activations autograd keeps), and back to 1.0 GiB after the backward instead of staying at 4.8.
+    The price is fresh pages (faulted in and zeroed) every step: ~30% fewer tokens/s there.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def lr_lambda(cfg) -> callable:
     """Linear warm-up to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
     def f(step: int) -> float:
@@ -144,6 +161,8 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
     else:
         saved = None
     model = add_soft_prompt(model, recipe, info.path, cfg.seed)
+    if cfg.lean_memory and model.device.type == "cpu":
+        return_freed_memory_to_the_os()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if saved is not None:
