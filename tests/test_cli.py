@@ -123,3 +123,24 @@ def test_export_run_and_eval_an_export(artifact, sentiment_files, tmp_path):
     assert accuracy[0] == accuracy[1]  # the fp32 graph gives the PyTorch model's predictions
     assert_clean_error(run("export", artifact, "--output", out), "already holds an export")
     assert_clean_error(run("run", tmp_path, "--prompt", "x"), "not a qprompt export")
+
+
+def test_training_runs_unchanged_under_accelerate_launch(tiny_model_dir, sentiment_files, tmp_path):
+    """`accelerate launch` (one process, CPU) runs the same CLI; lean-memory and checkpointing on too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(cli), "train",
+               "--model", str(tiny_model_dir), "--quant", "nf4", "--data", str(sentiment_files["train"]),
+               "--eval-data", str(sentiment_files["validation"]), "--max-steps", "3", "--batch-size", "4",
+               "--eval-every", "0", "--gradient-checkpointing", "--lean-memory", "--output", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "qprompt.json").read_text())
+    assert manifest["training"]["steps"] == 3
+    assert manifest["recipe"]["train"]["gradient_checkpointing"] and manifest["recipe"]["train"]["lean_memory"]
