@@ -6,8 +6,9 @@ test split, trainable parameters, training time (wall, this machine) and peak me
 Writes JSON per row to bench/results/quality/ (rows already there are reused) and the table to
 docs/results.md.
 
-    python bench/quality.py --tasks sentiment,spam,nli --methods prompt-tuning,p-tuning,prefix-tuning \
-        --quants nf4,none [--max-steps N] [--test-limit N]
+    python bench/quality.py --tasks sentiment,spam,nli \
+        --methods prompt-tuning,p-tuning,prefix-tuning,prefix-tuning+mlp --quants nf4,none \
+        [--max-steps N] [--test-limit N]
 """
 
 from __future__ import annotations
@@ -41,11 +42,16 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     from qprompt.train import train
 
     folder = SHARED / FOLDERS[task]
-    recipe = override(load_recipe(task), quant=quant, method__name=method if kind == "soft" else None,
+    name, _, variant = method.partition("+")  # e.g. prefix-tuning+mlp, p-tuning+lstm
+    recipe = override(load_recipe(task), quant=quant, method__name=name if kind == "soft" else None,
                       train__max_steps=max_steps,
                       train__eval_every=0, train__eval_rows=200)  # one validation check, at the end
-    if method != "prompt-tuning":
+    if name != "prompt-tuning":
         recipe.method.init = "random"  # the encoder methods have no text init
+    if variant == "mlp":
+        recipe.method.prefix_projection = True
+    elif variant:
+        recipe.method.encoder = variant
     test = read_rows(str(folder / "test.jsonl"))[:test_limit]
     train_rows = read_rows(str(folder / "train.jsonl"))
     metric = main_metric(recipe)
@@ -65,7 +71,9 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
         row.update(method=method, trainable_parameters=data["training"]["trainable_parameters"],
                    train_seconds=data["training"]["wall_seconds"], steps=data["training"]["steps"],
                    settings={"virtual_tokens": recipe.method.virtual_tokens, "lr": recipe.train.lr,
-                             "batch_size": recipe.train.batch_size, "init": recipe.method.init})
+                             "batch_size": recipe.train.batch_size, "init": recipe.method.init,
+                             **({"prefix_projection": True} if variant == "mlp" else {}),
+                             **({"encoder": recipe.method.encoder} if name == "p-tuning" else {})})
     row.update(value=result[metric], total_seconds=round(time.perf_counter() - start, 1),
                peak_rss_gb=round(peak_rss_gb(), 2), **{k: v for k, v in result.items()
                                                       if k.startswith(("accuracy", "f1_", "macro", "rouge"))})
@@ -83,7 +91,8 @@ def write_table(rows: list[dict]) -> str:
 
 @click.command()
 @click.option("--tasks", default="sentiment,spam,nli", show_default=True)
-@click.option("--methods", default="prompt-tuning,p-tuning,prefix-tuning", show_default=True)
+@click.option("--methods", default="prompt-tuning,p-tuning,prefix-tuning,prefix-tuning+mlp", show_default=True,
+              help="Methods; +mlp = prefix tuning through the MLP reparameterisation, +lstm = p-tuning's LSTM encoder.")
 @click.option("--quants", default="nf4,none", show_default=True)
 @click.option("--shots", default=4, show_default=True, help="k for the k-shot row.")
 @click.option("--max-steps", type=int, default=None, help="Override every recipe's steps.")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from . import __version__
 from .artifact import load_artifact, write_json
@@ -53,23 +54,47 @@ class MergedPromptDecoder(torch.nn.Module):
         from transformers import DynamicCache
 
         batch, length = input_ids.shape
-        layers = []
-        for i in range(self.num_layers):
-            k, v = past[2 * i], past[2 * i + 1]
-            if self.num_virtual:
-                k = torch.cat([getattr(self, f"prefix_key_{i}").expand(batch, -1, -1, -1), k], dim=2)
-                v = torch.cat([getattr(self, f"prefix_value_{i}").expand(batch, -1, -1, -1), v], dim=2)
-            layers.append((k, v))
+        prefix = [(getattr(self, f"prefix_key_{i}"), getattr(self, f"prefix_value_{i}"))
+                  for i in range(self.num_layers)] if self.num_virtual else [None] * self.num_layers
         # A DynamicCache cannot be a graph input: build it here from plain tensors.
-        cache = DynamicCache(ddp_cache_data=layers)
+        layers = [PrefixedLayer(p, past[2 * i], past[2 * i + 1]) for i, p in enumerate(prefix)]
+        cache = DynamicCache()
+        cache.layers = layers
         full_mask = torch.cat([attention_mask.new_ones((batch, self.num_virtual)), attention_mask], dim=1)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -length:] + self.num_virtual
         out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
                         past_key_values=cache, use_cache=True)
         presents = []
-        for layer in out.past_key_values.layers:  # hand back the real tokens' cache only
-            presents += [layer.keys[:, :, self.num_virtual:], layer.values[:, :, self.num_virtual:]]
+        for layer in layers:  # the real tokens' cache: past + this step, without the constant prefix
+            presents += [layer.keys, layer.values]
         return (out.logits, *presents)
+
+
+class PrefixedLayer(DynamicLayer):
+    """One layer's cache in the exported graph: the real tokens' keys/values, read behind the constant prefix.
+
+    The prefix is joined only into what attention reads, never into the stored cache, so the graph's
+    presents need no slicing and each step copies the prefix once (measured: the per-token cost over
+    the bare model, docs/benchmarks.md)."""
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.prefix = prefix
+        self.keys, self.values = keys, values
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.prefix is None:
+            return self.keys, self.values
+        batch = key_states.shape[0]
+        k, v = self.prefix
+        return (torch.cat([k.expand(batch, -1, -1, -1), self.keys], dim=-2),
+                torch.cat([v.expand(batch, -1, -1, -1), self.values], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] + (self.prefix[0].shape[-2] if self.prefix is not None else 0)
 
 
 @torch.no_grad()
@@ -92,7 +117,44 @@ def _kv_shape(config) -> tuple[int, int]:
     return heads, head_dim
 
 
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for export that reads grouped (GQA) keys/values in place instead of repeating them.
+
+    transformers' export path copies every key/value head `groups` times per step (repeat_kv), so that
+    copy grows with the constant prefix. Folding the query heads of a group into the sequence axis
+    lets each key/value head serve its group directly: same numbers, no copy.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups * length, dim)  # query head h = kv_head * groups + j
+    mask = attention_mask
+    if mask is not None:  # (B, 1, L, T) -> (B, 1, groups * L, T): the same mask for every head of a group
+        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
 def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    config = module.base.config
+    AttentionInterface.register("qprompt_grouped", grouped_attention)
+    AttentionMaskInterface.register("qprompt_grouped", sdpa_mask)
+    previous = config._attn_implementation
+    config._attn_implementation = "qprompt_grouped"  # export only: parity then checks it against the usual path
+    try:
+        _export_graph(module, path, opset)
+    finally:
+        config._attn_implementation = previous
+
+
+def _export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
     config = module.base.config
     heads, head_dim = _kv_shape(config)
     names = [f"past_key_values.{i}.{kind}" for i in range(module.num_layers) for kind in ("key", "value")]
