@@ -1,6 +1,6 @@
 """Benchmark: inference of a soft prompt, PyTorch + PEFT against the merged ONNX graph.
 
-Latency (median of --repeats) of one request — a real review in the sentiment template — for:
+Latency (median of --repeats, rows measured in turn) of one request — a real review in the sentiment template — for:
   (a) PEFT + PyTorch `generate` (float32, unquantized base)
   (b) the qprompt ONNX graph: fp32, int8 (weight-only), int8-dynamic, int4, nf4
   (c) the bare base exported the same way, with no soft prompt
@@ -37,17 +37,23 @@ def graph_file(quantization: str) -> str:
     return "model.onnx" if quantization == "fp32" else f"model.{quantization}.onnx"
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(timers: dict[str, dict], repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of every timer, measured round-robin (row after row, `repeats` rounds) so that
+    drift in this shared machine's speed hits all rows alike instead of whichever ran last."""
+    for fns in timers.values():  # warm-up
+        for fn in fns.values():
+            fn()
+    times: dict = {row: {name: [] for name in fns} for row, fns in timers.items()}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for row, fns in timers.items():
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[row][name].append(time.perf_counter() - start)
+    return {row: {name: statistics.median(t) for name, t in d.items()} for row, d in times.items()}
 
 
-def torch_latency(model, tokenizer, prompt_ids, new_tokens, repeats):
+def torch_timers(model, tokenizer, prompt_ids, new_tokens) -> dict:
     import torch
 
     x = torch.tensor([prompt_ids])
@@ -57,12 +63,10 @@ def torch_latency(model, tokenizer, prompt_ids, new_tokens, repeats):
             model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
-    first = median_time(lambda: gen(1), repeats)
-    full = median_time(lambda: gen(new_tokens + 1), repeats)
-    return first, (full - first) / new_tokens
+    return {"first": lambda: gen(1), "full": lambda: gen(new_tokens + 1)}
 
 
-def onnx_latency(runtime, prompt_ids, new_tokens, repeats):
+def onnx_timers(runtime, prompt_ids, new_tokens) -> dict:
     import numpy as np
 
     x = np.array([prompt_ids], dtype=np.int64)
@@ -70,7 +74,6 @@ def onnx_latency(runtime, prompt_ids, new_tokens, repeats):
     def prefill():
         return runtime.forward(x, np.ones_like(x), runtime.empty_past(1))
 
-    first = median_time(prefill, repeats)
     logits, past = prefill()
     mask = np.ones((1, x.shape[1]), dtype=np.int64)
 
@@ -81,7 +84,7 @@ def onnx_latency(runtime, prompt_ids, new_tokens, repeats):
             out, p = runtime.forward(tok, m, p)
             tok = np.array([[int(out[0, -1].argmax())]])
 
-    return first, median_time(decode, repeats) / new_tokens
+    return {"first": prefill, "decode": decode}
 
 
 @click.command()
@@ -144,15 +147,18 @@ def latency_part(results, virtual_tokens, new_tokens, repeats, work):
     onnx_fp32 = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"])
     prompt_ids = onnx_fp32.prompt_ids(text)
     results["prompt_tokens"] = len(prompt_ids)
-    rows_out = {}
-    rows_out["(a) PEFT + PyTorch generate"] = torch_latency(peft_model, tok, prompt_ids, new_tokens, repeats)
+    timers = {"(a) PEFT + PyTorch generate": torch_timers(peft_model, tok, prompt_ids, new_tokens)}
     for q in GRAPHS:
         runtime = ExportedModel(work / "latency", graph_file(q), providers=["CPUExecutionProvider"])
-        rows_out[f"(b) qprompt ONNX {q}"] = onnx_latency(runtime, prompt_ids, new_tokens, repeats)
+        timers[f"(b) qprompt ONNX {q}"] = onnx_timers(runtime, prompt_ids, new_tokens)
     bare = ExportedModel(work / "bare", providers=["CPUExecutionProvider"])
-    rows_out["(c) bare base ONNX fp32"] = onnx_latency(bare, prompt_ids, new_tokens, repeats)
-    results["latency_ms"] = {k: {"ttft": round(a * 1e3, 2), "per_token": round(b * 1e3, 2)}
-                             for k, (a, b) in rows_out.items()}
+    timers["(c) bare base ONNX fp32"] = onnx_timers(bare, prompt_ids, new_tokens)
+    medians = interleaved_medians(timers, repeats)
+    latency = {}
+    for row, m in medians.items():
+        per_token = (m["full"] - m["first"]) / new_tokens if "full" in m else m["decode"] / new_tokens
+        latency[row] = {"ttft": round(m["first"] * 1e3, 2), "per_token": round(per_token * 1e3, 2)}
+    results["latency_ms"] = latency
     for q in GRAPHS:
         results.setdefault("size_mb", {})[q] = round((work / "latency" / graph_file(q)).stat().st_size / 1e6, 1)
 

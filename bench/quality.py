@@ -42,12 +42,16 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     from qprompt.train import train
 
     folder = SHARED / FOLDERS[task]
-    name, _, variant = method.partition("+")  # e.g. prefix-tuning+mlp, p-tuning+lstm
+    spec, _, lr = method.partition("@")  # e.g. p-tuning@0.003: a learning rate other than the recipe's
+    spec, _, init = spec.partition(":")  # e.g. prefix-tuning:random: an init other than the recipe's
+    name, _, variant = spec.partition("+")  # e.g. prefix-tuning+mlp, p-tuning+lstm
     recipe = override(load_recipe(task), quant=quant, method__name=name if kind == "soft" else None,
-                      train__max_steps=max_steps,
+                      train__max_steps=max_steps, train__lr=float(lr) if lr else None,
                       train__eval_every=0, train__eval_rows=200)  # one validation check, at the end
-    if name != "prompt-tuning":
-        recipe.method.init = "random"  # the encoder methods have no text init
+    if init:
+        recipe.method.init = init
+    if name == "p-tuning" or variant == "mlp":
+        recipe.method.init = "random"  # encoders start from random weights (PEFT)
     if variant == "mlp":
         recipe.method.prefix_projection = True
     elif variant:
@@ -68,7 +72,8 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
         data = train(recipe, model, tok, info, splits, out, overwrite=True, progress=False)
         tuned, tok, tuned_recipe, _ = load_artifact(out, quant=quant)
         result = evaluate(tuned, tok, tuned_recipe, test, "test")
-        row.update(method=method, trainable_parameters=data["training"]["trainable_parameters"],
+        row.update(method=spec, trainable_parameters=data["training"]["trainable_parameters"],
+                   validation=data["metrics"],
                    train_seconds=data["training"]["wall_seconds"], steps=data["training"]["steps"],
                    settings={"virtual_tokens": recipe.method.virtual_tokens, "lr": recipe.train.lr,
                              "batch_size": recipe.train.batch_size, "init": recipe.method.init,
@@ -81,10 +86,14 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
 
 
 def write_table(rows: list[dict]) -> str:
-    lines = ["| task | row | quant | metric | value | trainable params | train time (s) | peak RSS (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | row | quant | init | lr | test metric | value | validation | trainable params "
+             "| train time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['method']} | {r['quant']} | {r['metric']} | {r['value']:.4f} | "
+        settings = r.get("settings", {})
+        validation = next((v for k, v in r.get("validation", {}).items() if k.startswith("validation_")), None)
+        lines.append(f"| {r['task']} | {r['method']} | {r['quant']} | {settings.get('init', '–')} | "
+                     f"{settings.get('lr', '–')} | {r['metric']} | "
+                     f"{r['value']:.4f} | {'–' if validation is None else f'{validation:.3f}'} | "
                      f"{r['trainable_parameters']:,} | {r['train_seconds']:.0f} | {r['peak_rss_gb']:.1f} |")
     return "\n".join(lines)
 
@@ -92,7 +101,9 @@ def write_table(rows: list[dict]) -> str:
 @click.command()
 @click.option("--tasks", default="sentiment,spam,nli", show_default=True)
 @click.option("--methods", default="prompt-tuning,p-tuning,prefix-tuning,prefix-tuning+mlp", show_default=True,
-              help="Methods; +mlp = prefix tuning through the MLP reparameterisation, +lstm = p-tuning's LSTM encoder.")
+              help="Methods; +mlp = prefix tuning through the MLP reparameterisation, +lstm = p-tuning's LSTM "
+                   "encoder, :INIT = an init other than the recipe's (prefix-tuning:random), @LR = a learning rate "
+                   "other than the recipe's (p-tuning@0.003).")
 @click.option("--quants", default="nf4,none", show_default=True)
 @click.option("--shots", default=4, show_default=True, help="k for the k-shot row.")
 @click.option("--max-steps", type=int, default=None, help="Override every recipe's steps.")
@@ -128,16 +139,27 @@ def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
             path.write_text(json.dumps(row, indent=1) + "\n")
             rows.append(row)
             click.echo(f"{task:<10} {row['method']:<22} {quant:<5} {row['metric']} {row['value']:.4f}")
-            write_doc(rows)  # after every row: a long run that stops early still leaves its table
+            write_doc()  # after every row: a long run that stops early still leaves its table
     click.echo(write_table(rows))
 
 
-def write_doc(rows: list[dict]) -> None:
+def write_doc() -> None:
+    """docs/results.md: every stored row (all runs so far), by task, then hard prompts, then methods."""
+    rows = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
+    tasks = list(FOLDERS)
+    rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], r["method"], r.get("settings", {}).get("init", ""),
+                             r.get("settings", {}).get("lr", 0), r["quant"] != "nf4"))
+    commands = sorted({r["command"] for r in rows if "command" in r})
     doc = ROOT / "docs" / "results.md"
-    doc.write_text("# Quality: soft prompts against prompt engineering\n\n"
-                   f"Produced by `python bench/quality.py {' '.join(sys.argv[1:])}` on this repository's "
-                   "2-core CPU machine; settings per row are in bench/results/quality/*.json.\n\n"
+    head = doc.read_text().split(TABLE_MARK)[0] if doc.exists() and TABLE_MARK in doc.read_text() else DOC_HEAD
+    doc.write_text(head + TABLE_MARK + "\n\nProduced on this repository's 2-core CPU machine by:\n\n"
+                   + "".join(f"    {c}\n" for c in commands) + "\nSettings of each row: bench/results/quality/*.json."
+                   " Validation = the metric on 200 validation rows at the end of training.\n\n"
                    + write_table(rows) + "\n")
+
+
+TABLE_MARK = "<!-- table: written by bench/quality.py -->"
+DOC_HEAD = "# Quality: soft prompts against prompt engineering\n\n"
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ class TemplateConfig:
 class MethodConfig:
     name: str = _f("prompt-tuning", "soft-prompt method: prompt-tuning, p-tuning or prefix-tuning")
     virtual_tokens: int = _f(20, "number of learned virtual tokens")
-    init: str = _f("text", "prompt-tuning init: text (instruction or init_text), labels (the label words), "
-                   "vocab (random words), random; the other methods start from random encoder weights")
+    init: str = _f("text", "init of prompt tuning (embeddings) and prefix tuning without projection (the keys/values "
+                   "the model computes for the tokens): text (instruction or init_text), labels (the label words), "
+                   "vocab (random words), random; p-tuning and prefix+MLP start from random encoder weights")
     init_text: str = _f("", "text for init=text; empty means the template's instruction")
     encoder: str = _f("mlp", "p-tuning's prompt encoder: mlp or lstm")
     encoder_hidden_size: int = _f(0, "hidden size of the p-tuning encoder / prefix MLP (0: the model's hidden size)")

@@ -62,7 +62,48 @@ def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str)
 def add_soft_prompt(model, recipe: RecipeConfig, tokenizer_path: str, seed: int = 0) -> PeftModel:
     """Wrap a frozen base model with a freshly initialised soft prompt."""
     torch.manual_seed(seed)  # vocab and random init draw from torch's generator
-    return get_peft_model(model, peft_config(recipe.method, recipe, tokenizer_path))
+    peft_model = get_peft_model(model, peft_config(recipe.method, recipe, tokenizer_path))
+    method = recipe.method
+    if method.name == "prefix-tuning" and not method.prefix_projection and method.init != "random":
+        init_prefix_from_tokens(peft_model, init_token_ids(method, recipe, tokenizer_path, model.config.vocab_size,
+                                                           seed))
+    return peft_model
+
+
+def init_token_ids(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str, vocab_size: int,
+                   seed: int = 0) -> list[int]:
+    """The tokens a prefix starts from: the instruction (text), the label words (labels) or random words."""
+    if method.init == "vocab":
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(vocab_size, (method.virtual_tokens,), generator=generator).tolist()
+    from transformers import AutoTokenizer
+
+    text = method.init_text or recipe.template.instruction
+    if method.init == "labels":
+        text = " ".join(recipe.labels.values())
+    ids = AutoTokenizer.from_pretrained(tokenizer_path)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise QPromptError("method.init_text is empty and so is the template's instruction: give one, or init: random")
+    return ids
+
+
+@torch.no_grad()
+def init_prefix_from_tokens(model: PeftModel, token_ids: list[int]) -> None:
+    """Start a deep prefix from the keys/values the frozen model computes for real tokens (Li & Liang, 2021).
+
+    PEFT starts prefix tuning from N(0, 1) noise, which is far from any key/value the layers produce and
+    trains poorly in few steps. The tokens are repeated or cut to the prompt length and sit at positions
+    0..n-1, where the virtual tokens are.
+    """
+    n = virtual_tokens(model)
+    ids = (token_ids * (n // len(token_ids) + 1))[:n]
+    base = model.get_base_model()
+    device = next(base.parameters()).device
+    layers = base(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values.layers
+    # PEFT reads the embedding row of virtual token t as (layers * 2, kv_heads, head_dim), key then value.
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H, n, D)
+    weight = model.prompt_encoder[model.active_adapter].embedding.weight
+    weight.copy_(kv.flatten(0, 1).permute(2, 0, 1, 3).reshape(n, -1).to(weight.dtype))
 
 
 def load_soft_prompt(model, folder: str | Path) -> PeftModel:

@@ -115,3 +115,24 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activa
     ckpt, ckpt_saved = grads_and_saved(True)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
     assert ckpt_saved < plain_saved
+
+
+@pytest.mark.parametrize("init", ["text", "labels", "vocab"])
+def test_prefix_tuning_starts_from_the_keys_and_values_of_real_tokens(tiny_model_dir, init):
+    recipe = override(load_recipe("sentiment"), method__name="prefix-tuning", method__virtual_tokens=5,
+                      method__init=init)
+    base, tok, info = load_model(str(tiny_model_dir), "none")
+    model = add_soft_prompt(base, recipe, info.path)
+    # The same tokens through the bare model give the keys/values the prefix must hold.
+    from qprompt.methods import init_token_ids
+
+    ids = init_token_ids(recipe.method, recipe, info.path, base.config.vocab_size)
+    ids = (ids * 5)[:5]
+    with torch.no_grad():
+        expected = model.get_base_model()(input_ids=torch.tensor([ids]), use_cache=True).past_key_values.layers
+        prefix = model.get_prompt(batch_size=1).layers
+    assert len(prefix) == len(expected)
+    for got, want in zip(prefix, expected):
+        assert torch.allclose(got.keys, want.keys, atol=1e-5) and torch.allclose(got.values, want.values, atol=1e-5)
+    if init == "text":  # the instruction's tokens, not PEFT's N(0, 1) draw
+        assert ids[:3] == tok(recipe.template.instruction, add_special_tokens=False)["input_ids"][:3]
