@@ -47,6 +47,7 @@ def interleaved_medians(timers: dict[str, dict], repeats: int) -> dict[str, dict
     for _ in range(repeats):
         for row, fns in timers.items():
             for name, fn in fns.items():
+                time.sleep(0.2)  # let the previous session's worker threads stop spinning
                 start = time.perf_counter()
                 fn()
                 times[row][name].append(time.perf_counter() - start)
@@ -95,9 +96,10 @@ def onnx_timers(runtime, prompt_ids, new_tokens) -> dict:
 @click.option("--rows", default=2000, show_default=True, help="Test rows for the int8 agreement check.")
 @click.option("--work", default="runs/bench-inference", show_default=True, help="Folder for exports.")
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "inference.json"), show_default=True)
+@click.option("--reuse", is_flag=True, help="Latency: reuse the prompt and graphs already in --work.")
 @click.option("--parts", default="latency,agreement", show_default=True,
               help="Which parts to run; results merge into an existing --out file.")
-def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, parts):
+def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, reuse, parts):
     sys.path.insert(0, str(ROOT))
     from qprompt.cli import quiet_libraries
 
@@ -109,7 +111,7 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, pa
     for part in parts.split(","):
         results["commands"][part] = " ".join(sys.argv)
     if "latency" in parts:
-        latency_part(results, virtual_tokens, new_tokens, repeats, work)
+        latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse)
     if "agreement" in parts:
         agreement_part(results, artifact, rows, work)
     show(results)
@@ -118,7 +120,7 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, pa
     click.echo(f"wrote {json_out}")
 
 
-def latency_part(results, virtual_tokens, new_tokens, repeats, work):
+def latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse=False):
     from qprompt.artifact import load_artifact
     from qprompt.config import load_recipe_file, override
     from qprompt.data import load_splits, read_rows
@@ -132,30 +134,41 @@ def latency_part(results, virtual_tokens, new_tokens, repeats, work):
     recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), quant="none",
                       method__virtual_tokens=virtual_tokens, train__max_steps=1, train__eval_every=0,
                       train__eval_rows=4)
-    splits = load_splits(recipe, str(DATA / "validation.jsonl"), str(DATA / "validation.jsonl"))
-    splits["train"] = splits["train"][:64]
-    model, tok, info = load_model(recipe.model, "none")
-    train(recipe, model, tok, info, splits, work / "latency-artifact", overwrite=True, progress=False)
+    if not (reuse and (work / "latency-artifact").exists()):
+        splits = load_splits(recipe, str(DATA / "validation.jsonl"), str(DATA / "validation.jsonl"))
+        splits["train"] = splits["train"][:64]
+        model, tok, info = load_model(recipe.model, "none")
+        train(recipe, model, tok, info, splits, work / "latency-artifact", overwrite=True, progress=False)
 
-    export(work / "latency-artifact", work / "latency", overwrite=True)
-    for q in GRAPHS[1:]:
-        quantize_graph(work / "latency" / "model.onnx", work / "latency" / f"model.{q}.onnx", q)
-    export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe)
+    if not (reuse and all((work / "latency" / graph_file(q)).exists() for q in GRAPHS)):
+        export(work / "latency-artifact", work / "latency", overwrite=True)
+        for q in GRAPHS[1:]:
+            quantize_graph(work / "latency" / "model.onnx", work / "latency" / f"model.{q}.onnx", q)
+        export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe)
 
     peft_model, tok, _, _ = load_artifact(work / "latency-artifact", quant="none")
     text = read_rows(str(DATA / "test.jsonl"))[0]
-    onnx_fp32 = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"])
-    prompt_ids = onnx_fp32.prompt_ids(text)
+    prompt_ids = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"]).prompt_ids(text)
     results["prompt_tokens"] = len(prompt_ids)
-    timers = {"(a) PEFT + PyTorch generate": torch_timers(peft_model, tok, prompt_ids, new_tokens)}
-    for q in GRAPHS:
-        runtime = ExportedModel(work / "latency", graph_file(q), providers=["CPUExecutionProvider"])
-        timers[f"(b) qprompt ONNX {q}"] = onnx_timers(runtime, prompt_ids, new_tokens)
-    bare = ExportedModel(work / "bare", providers=["CPUExecutionProvider"])
-    timers["(c) bare base ONNX fp32"] = onnx_timers(bare, prompt_ids, new_tokens)
-    medians = interleaved_medians(timers, repeats)
+    # Rows that are compared with each other are timed in turn, and only they are loaded: every ONNX
+    # Runtime session keeps its own thread pool, whose workers spin for a while after each run.
+    medians = {}
+    groups = [["fp32", "bare"], *[[q] for q in GRAPHS[1:]]]  # the soft prompt's cost: fp32 against bare
+    for group in groups:
+        timers = {}
+        for q in group:
+            folder, file, row = (work / "bare", "model.onnx", "(c) bare base ONNX fp32") if q == "bare" else \
+                (work / "latency", graph_file(q), f"(b) qprompt ONNX {q}")
+            runtime = ExportedModel(folder, file, providers=["CPUExecutionProvider"])
+            timers[row] = onnx_timers(runtime, prompt_ids, new_tokens)
+        medians.update(interleaved_medians(timers, repeats))
+        del timers, runtime
+    # PyTorch last: its OpenMP threads keep spinning after each call and would slow the graphs timed after.
+    medians.update(interleaved_medians({"(a) PEFT + PyTorch generate": torch_timers(peft_model, tok, prompt_ids,
+                                                                                    new_tokens)}, repeats))
     latency = {}
-    for row, m in medians.items():
+    order = ["(a) PEFT + PyTorch generate", *[f"(b) qprompt ONNX {q}" for q in GRAPHS], "(c) bare base ONNX fp32"]
+    for row, m in sorted(medians.items(), key=lambda item: order.index(item[0])):
         per_token = (m["full"] - m["first"]) / new_tokens if "full" in m else m["decode"] / new_tokens
         latency[row] = {"ttft": round(m["first"] * 1e3, 2), "per_token": round(per_token * 1e3, 2)}
     results["latency_ms"] = latency

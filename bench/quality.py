@@ -147,7 +147,9 @@ def write_doc() -> None:
     """docs/results.md: every stored row (all runs so far), by task, then hard prompts, then methods."""
     rows = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
     tasks = list(FOLDERS)
-    rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], r["method"], r.get("settings", {}).get("init", ""),
+    methods = ["prompt-tuning", "p-tuning", "p-tuning+lstm", "prefix-tuning", "prefix-tuning+mlp"]
+    rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], (methods + [r["method"]]).index(r["method"]),
+                             r["method"], r.get("settings", {}).get("init", ""),
                              r.get("settings", {}).get("lr", 0), r["quant"] != "nf4"))
     commands = sorted({r["command"] for r in rows if "command" in r})
     doc = ROOT / "docs" / "results.md"
