@@ -123,7 +123,7 @@ def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
     rows = []
     for task in tasks.split(","):
         plan = [("hard", "none", "nf4", 0), ("hard", "none", "nf4", shots)]
-        plan += [("soft", m, q, 0) for m in methods.split(",") for q in quants.split(",")]
+        plan += [("soft", m, q, 0) for m in methods.split(",") if m for q in quants.split(",")]
         for kind, method, quant, k in plan:
             name = f"{task}-{kind}-{method}-{quant}-{k}shot-{max_steps}-{test_limit}.json"
             path = RESULTS / name
@@ -135,12 +135,25 @@ def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
             done = subprocess.run([sys.executable, __file__, "--row", spec], stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 raise click.ClickException(f"row {name} failed:\n{done.stderr[-3000:]}")
-            row = {**json.loads(path.read_text()), "command": " ".join(["python", "bench/quality.py", *sys.argv[1:]])}
+            row = {**json.loads(path.read_text()), "command": row_command(task, kind, method, quant, k, max_steps,
+                                                                          test_limit)}
             path.write_text(json.dumps(row, indent=1) + "\n")
             rows.append(row)
             click.echo(f"{task:<10} {row['method']:<22} {quant:<5} {row['metric']} {row['value']:.4f}")
             write_doc()  # after every row: a long run that stops early still leaves its table
     click.echo(write_table(rows))
+
+
+def row_command(task: str, kind: str, method: str, quant: str, shots: int, max_steps: int | None,
+                test_limit: int | None) -> str:
+    """The command that runs this row alone (the hard rows run with every task; --methods '' skips the rest)."""
+    parts = ["python bench/quality.py", f"--tasks {task}"]
+    parts += [f"--shots {shots}", "--methods ''"] if kind == "hard" else [f"--methods {method}", f"--quants {quant}"]
+    if max_steps is not None:
+        parts.append(f"--max-steps {max_steps}")
+    if test_limit is not None:
+        parts.append(f"--test-limit {test_limit}")
+    return " ".join(parts)
 
 
 def write_doc() -> None:
@@ -151,13 +164,11 @@ def write_doc() -> None:
     rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], (methods + [r["method"]]).index(r["method"]),
                              r["method"], r.get("settings", {}).get("init", ""),
                              r.get("settings", {}).get("lr", 0), r["quant"] != "nf4"))
-    commands = sorted({r["command"] for r in rows if "command" in r})
     doc = ROOT / "docs" / "results.md"
     head = doc.read_text().split(TABLE_MARK)[0] if doc.exists() and TABLE_MARK in doc.read_text() else DOC_HEAD
-    doc.write_text(head + TABLE_MARK + "\n\nProduced on this repository's 2-core CPU machine by:\n\n"
-                   + "".join(f"    {c}\n" for c in commands) + "\nSettings of each row: bench/results/quality/*.json."
-                   " Validation = the metric on 200 validation rows at the end of training.\n\n"
-                   + write_table(rows) + "\n")
+    doc.write_text(head + TABLE_MARK + "\n\nEach row's JSON in bench/results/quality/ holds its settings and the "
+                   "command that reruns it alone. Validation = the metric on 200 validation rows at the end of "
+                   "training.\n\n" + write_table(rows) + "\n")
 
 
 TABLE_MARK = "<!-- table: written by bench/quality.py -->"

@@ -90,11 +90,14 @@ def model_options(fn):
               help="Prefix tuning: learn the prefix through an MLP, or directly (deep prompts).")
 @click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
 @click.option("--init", type=click.Choice(["text", "labels", "vocab", "random"]), default=None,
-              help="Prompt-tuning initialisation: instruction text, label words, random words, random.")
+              help="Initialisation (prompt tuning, and prefix tuning without projection: keys/values of the tokens): "
+                   "instruction text, label words, random words, random.")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Micro-batches per optimizer step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate [default: the recipe's; with a --method other than the recipe's, the rate "
+                   "measured to work for that method: 0.03, p-tuning 0.003].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward pass: much less memory, ~30% slower (see `qprompt plan`).")
 @click.option("--lean-memory/--no-lean-memory", default=None,
@@ -122,6 +125,11 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     if recipe and config:
         raise QPromptError("pass either --recipe or --config, not both")
     cfg = load_recipe(config or recipe or "sentiment")
+    if method and method != cfg.method.name and lr is None:  # the recipe's rate was chosen for its own method
+        from .methods import SUGGESTED_LR
+
+        lr = SUGGESTED_LR[method]
+        log.info("learning rate %g for %s (docs/results.md); --lr to change it", lr, method)
     cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__encoder=encoder,
                    method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,
                    method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,

@@ -144,3 +144,14 @@ def test_training_runs_unchanged_under_accelerate_launch(tiny_model_dir, sentime
     manifest = json.loads((out / "qprompt.json").read_text())
     assert manifest["training"]["steps"] == 3
     assert manifest["recipe"]["train"]["gradient_checkpointing"] and manifest["recipe"]["train"]["lean_memory"]
+
+
+@pytest.mark.parametrize(("extra", "lr"), [([], 3e-3), (["--lr", 0.05], 0.05)])
+def test_another_method_gets_its_own_learning_rate(tiny_model_dir, sentiment_files, tmp_path, extra, lr):
+    """The recipe's 0.03 is for prompt tuning: p-tuning gets the rate measured for it unless --lr says otherwise."""
+    out = tmp_path / "pt"
+    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--method", "p-tuning",
+                 "--data", sentiment_files["train"], "--eval-data", sentiment_files["validation"],
+                 "--max-steps", 1, "--batch-size", 4, "--eval-every", 0, "--quant", "none", "--output", out, *extra)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "qprompt.json").read_text())["recipe"]["train"]["lr"] == lr
