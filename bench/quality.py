@@ -85,15 +85,19 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     return row
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def write_table(rows: list[dict]) -> str:
-    lines = ["| task | row | quant | init | lr | test metric | value | validation | trainable params "
-             "| train time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | row | quant | init | lr | test metric | value | macro-F1 | spam F1 | validation "
+             "| trainable params | train time (s) | peak RSS (GB) |", "|---" * 13 + "|"]
     for r in rows:
         settings = r.get("settings", {})
         validation = next((v for k, v in r.get("validation", {}).items() if k.startswith("validation_")), None)
         lines.append(f"| {r['task']} | {r['method']} | {r['quant']} | {settings.get('init', '–')} | "
                      f"{settings.get('lr', '–')} | {r['metric']} | "
-                     f"{r['value']:.4f} | {'–' if validation is None else f'{validation:.3f}'} | "
+                     f"{r['value']:.4f} | {_num(r.get('macro_f1'))} | {_num(r.get('f1_spam'))} | {_num(validation)} | "
                      f"{r['trainable_parameters']:,} | {r['train_seconds']:.0f} | {r['peak_rss_gb']:.1f} |")
     return "\n".join(lines)
 

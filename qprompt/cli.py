@@ -125,11 +125,9 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     if recipe and config:
         raise QPromptError("pass either --recipe or --config, not both")
     cfg = load_recipe(config or recipe or "sentiment")
-    if method and method != cfg.method.name and lr is None:  # the recipe's rate was chosen for its own method
-        from .methods import SUGGESTED_LR
+    from .methods import learning_rate_for
 
-        lr = SUGGESTED_LR[method]
-        log.info("learning rate %g for %s (docs/results.md); --lr to change it", lr, method)
+    lr = learning_rate_for(method, cfg, lr)
     cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__encoder=encoder,
                    method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,
                    method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,

@@ -32,6 +32,14 @@ METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 SUGGESTED_LR = {"prompt-tuning": 3e-2, "p-tuning": 3e-3, "prefix-tuning": 3e-2}
 
 
+def learning_rate_for(method: str | None, recipe: RecipeConfig, lr: float | None) -> float | None:
+    """--lr when given; for a --method other than the recipe's, the rate measured for that method
+    (the recipe's rate was chosen for its own method); else None, keeping the recipe's."""
+    if lr is None and method and method != recipe.method.name:
+        return SUGGESTED_LR[method]
+    return lr
+
+
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
     """The PEFT config for `method` (the recipe supplies the init text and label words)."""
     hidden = method.encoder_hidden_size or None  # None: PEFT uses the model's hidden size

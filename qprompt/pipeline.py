@@ -11,6 +11,7 @@ from .artifact import MANIFEST, load_artifact, read_manifest
 from .config import RecipeConfig
 from .data import load_splits, read_rows
 from .evaluate import evaluate, main_metric
+from .methods import learning_rate_for
 from .models import load_model
 from .train import train
 
@@ -90,7 +91,8 @@ def recipe_command(config_path: Path):
     @click.option("--test-limit", type=click.IntRange(1), default=None, help="Score only the first N test rows.")
     @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
     @click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
-    @click.option("--lr", type=float, default=None, help="Peak learning rate.")
+    @click.option("--lr", type=float, default=None,
+                  help="Peak learning rate [default: the recipe's; for another --method, the rate measured for it].")
     @click.option("--output", type=click.Path(file_okay=False), default=f"runs/{config_path.stem}",
                   show_default=True, help="Artifact folder.")
     @click.option("--resume", is_flag=True, help="Continue an interrupted run in --output.")
@@ -99,8 +101,9 @@ def recipe_command(config_path: Path):
     def main(model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
              virtual_tokens, lr, output, resume, overwrite, json_out):
         quiet_libraries()
-        recipe = override(load_recipe_file(config_path), model=model, quant=quant, method__name=method,
-                          train__max_steps=max_steps, method__virtual_tokens=virtual_tokens, train__lr=lr)
+        recipe = load_recipe_file(config_path)
+        recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
+                          method__virtual_tokens=virtual_tokens, train__lr=learning_rate_for(method, recipe, lr))
         result = train_and_compare(recipe, output, data, eval_data, test_data, resume, overwrite, compute_dtype,
                                    device, test_limit)
         click.echo("\n".join(report_lines(result)))

