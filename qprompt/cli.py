@@ -118,6 +118,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     """Train a soft prompt; the base model stays frozen."""
     from .config import load_recipe, override
     from .data import load_splits
+    from .methods import learning_rate_for
     from .models import load_model
     from .train import train as run_training
 
@@ -125,8 +126,6 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     if recipe and config:
         raise QPromptError("pass either --recipe or --config, not both")
     cfg = load_recipe(config or recipe or "sentiment")
-    from .methods import learning_rate_for
-
     lr = learning_rate_for(method, cfg, lr)
     cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__encoder=encoder,
                    method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,

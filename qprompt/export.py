@@ -28,6 +28,7 @@ from . import __version__
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
 from .methods import is_prefix, virtual_tokens
+from .plan import kv_shape
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
 
 log = logging.getLogger("qprompt")
@@ -111,12 +112,6 @@ def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers]
 
 
-def _kv_shape(config) -> tuple[int, int]:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return heads, head_dim
-
-
 def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for export that reads grouped (GQA) keys/values in place instead of repeating them.
 
@@ -156,7 +151,7 @@ def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
 
 def _export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
     config = module.base.config
-    heads, head_dim = _kv_shape(config)
+    heads, head_dim = kv_shape(config)
     names = [f"past_key_values.{i}.{kind}" for i in range(module.num_layers) for kind in ("key", "value")]
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.ones((2, 5), dtype=torch.long)
@@ -298,7 +293,7 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
             raise QPromptError(f"ONNX export failed ({str(exc).splitlines()[0][:200]}); try another --opset") from exc
         tokenizer.save_pretrained(tmp)
 
-        heads, head_dim = _kv_shape(base.config)
+        heads, head_dim = kv_shape(base.config)
         template = recipe.to_dict()["template"] if recipe else {"prompt": "{text}", "instruction": ""}
         chat_wrap = None
         if recipe and recipe.template.chat and getattr(tokenizer, "chat_template", None):

@@ -40,6 +40,14 @@ def learning_rate_for(method: str | None, recipe: RecipeConfig, lr: float | None
     return lr
 
 
+def init_text(method: MethodConfig, recipe: RecipeConfig) -> str:
+    """The text a prompt starts from: the label words for init=labels (class-label init, Lester et al.),
+    else init_text or the template's instruction."""
+    if method.init == "labels":
+        return " ".join(recipe.labels.values())
+    return method.init_text or recipe.template.instruction
+
+
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
     """The PEFT config for `method` (the recipe supplies the init text and label words)."""
     hidden = method.encoder_hidden_size or None  # None: PEFT uses the model's hidden size
@@ -56,16 +64,12 @@ def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str)
         raise QPromptError(f"unknown method {method.name!r}: use one of {', '.join(METHODS)}")
     init = {"text": PromptTuningInit.TEXT, "labels": PromptTuningInit.TEXT,
             "vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
-    # Class-label init (Lester et al.): the label words' embeddings, repeated to fill the prompt.
-    text = method.init_text or recipe.template.instruction
-    if method.init == "labels":
-        text = " ".join(recipe.labels.values())
-    from_text = method.init in ("text", "labels")
+    from_text = method.init in ("text", "labels")  # PEFT repeats the text's embeddings to fill the prompt
     return PromptTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=method.virtual_tokens,
         prompt_tuning_init=init[method.init],
-        prompt_tuning_init_text=text if from_text else None,
+        prompt_tuning_init_text=init_text(method, recipe) if from_text else None,
         tokenizer_name_or_path=tokenizer_path if from_text else None,
     )
 
@@ -89,10 +93,8 @@ def init_token_ids(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: s
         return torch.randint(vocab_size, (method.virtual_tokens,), generator=generator).tolist()
     from transformers import AutoTokenizer
 
-    text = method.init_text or recipe.template.instruction
-    if method.init == "labels":
-        text = " ".join(recipe.labels.values())
-    ids = AutoTokenizer.from_pretrained(tokenizer_path)(text, add_special_tokens=False)["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    ids = tokenizer(init_text(method, recipe), add_special_tokens=False)["input_ids"]
     if not ids:
         raise QPromptError("method.init_text is empty and so is the template's instruction: give one, or init: random")
     return ids

@@ -34,6 +34,12 @@ CPU_RUNTIME_GB = 0.45  # resident size of Python + torch + transformers + peft +
 CUDA_CONTEXT_GIB = 0.5  # CUDA context and kernels: on the GPU but outside PyTorch's allocator
 
 
+def kv_shape(config) -> tuple[int, int]:
+    """(key/value heads, head dim) of a decoder config; configs without GQA fields have one per query head."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class Shape:
     hidden: int
@@ -47,12 +53,11 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> Shape:
-        heads = config.num_attention_heads
+        kv_heads, head_dim = kv_shape(config)
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size,
-                   layers=config.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   layers=config.num_hidden_layers, heads=config.num_attention_heads, kv_heads=kv_heads,
+                   head_dim=head_dim, vocab=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
 def load_config(model: str):
