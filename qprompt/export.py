@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ PARITY_ABS, PARITY_REL = 1e-4, 1e-5
 
 
 class MergedPromptDecoder(torch.nn.Module):
-    """The base decoder with a constant KV prefix (the soft prompt) in front of every sequence."""
+    """The base decoder with a constant KV prefix (the soft prompt) in front of every sequence.
+
+    Traced only through `export_graph`, whose attention (`grouped_attention`) reads the prefix."""
 
     def __init__(self, base, prefix: list[tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
@@ -48,23 +51,26 @@ class MergedPromptDecoder(torch.nn.Module):
         self.num_layers = base.config.num_hidden_layers
         self.num_virtual = prefix[0][0].shape[2] if prefix else 0
         for i, (k, v) in enumerate(prefix):
-            self.register_buffer(f"prefix_key_{i}", k.contiguous())
+            # Keys stored transposed, (1, kv_heads, head_dim, virtual), the way attention multiplies by them:
+            # a plain MatMul on a constant, with no per-step transpose.
+            self.register_buffer(f"prefix_key_t_{i}", k.transpose(-1, -2).contiguous())
             self.register_buffer(f"prefix_value_{i}", v.contiguous())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         from transformers import DynamicCache
 
         batch, length = input_ids.shape
-        prefix = [(getattr(self, f"prefix_key_{i}"), getattr(self, f"prefix_value_{i}"))
-                  for i in range(self.num_layers)] if self.num_virtual else [None] * self.num_layers
         # A DynamicCache cannot be a graph input: build it here from plain tensors.
-        layers = [PrefixedLayer(p, past[2 * i], past[2 * i + 1]) for i, p in enumerate(prefix)]
+        layers = [PrefixedLayer(self.num_virtual, past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
         cache = DynamicCache()
         cache.layers = layers
         full_mask = torch.cat([attention_mask.new_ones((batch, self.num_virtual)), attention_mask], dim=1)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -length:] + self.num_virtual
+        # The prefix goes to every attention call as a keyword (transformers passes extra keywords down).
+        prefix = [(getattr(self, f"prefix_key_t_{i}"), getattr(self, f"prefix_value_{i}"))
+                  for i in range(self.num_layers)] if self.num_virtual else None
         out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True, qprompt_prefix=prefix)
         presents = []
         for layer in layers:  # the real tokens' cache: past + this step, without the constant prefix
             presents += [layer.keys, layer.values]
@@ -72,30 +78,24 @@ class MergedPromptDecoder(torch.nn.Module):
 
 
 class PrefixedLayer(DynamicLayer):
-    """One layer's cache in the exported graph: the real tokens' keys/values, read behind the constant prefix.
+    """One layer's cache in the exported graph: the real tokens' keys/values, behind `virtual` constant ones.
 
-    The prefix is joined only into what attention reads, never into the stored cache, so the graph's
-    presents need no slicing and each step copies the prefix once (measured: the per-token cost over
-    the bare model, docs/benchmarks.md)."""
+    The prefix is never joined to the cache (attention reads it on its own), so presents need no
+    slicing; it only counts in the length, so masks cover prefix + real tokens."""
 
-    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, virtual: int, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
-        self.prefix = prefix
+        self.virtual = virtual
         self.keys, self.values = keys, values
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if self.prefix is None:
-            return self.keys, self.values
-        batch = key_states.shape[0]
-        k, v = self.prefix
-        return (torch.cat([k.expand(batch, -1, -1, -1), self.keys], dim=-2),
-                torch.cat([v.expand(batch, -1, -1, -1), self.values], dim=-2))
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.keys.shape[-2] + (self.prefix[0].shape[-2] if self.prefix is not None else 0)
+        return self.keys.shape[-2] + self.virtual
 
 
 @torch.no_grad()
@@ -112,25 +112,44 @@ def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers]
 
 
-def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention for export that reads grouped (GQA) keys/values in place instead of repeating them.
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, qprompt_prefix=None,
+                      **kwargs):
+    """Export-time attention, written out: GQA read in place, and the constant prefix read apart from the cache.
 
-    transformers' export path copies every key/value head `groups` times per step (repeat_kv), so that
-    copy grows with the constant prefix. Folding the query heads of a group into the sequence axis
-    lets each key/value head serve its group directly: same numbers, no copy.
+    transformers' export path copies every key/value head `groups` times per step (repeat_kv), a copy
+    that grows with the prefix; folding the query heads of a group into the sequence axis lets each
+    key/value head serve its group directly. With a prefix (`qprompt_prefix`: one (transposed key,
+    value) pair per layer, batch 1), the scores against it and against the real tokens come from two matmuls that
+    broadcast over the batch and share one softmax, so no step expands or concatenates the prefix's
+    keys/values. The bare base (no prefix) is exported through the same code, so the two graphs
+    differ only by the prefix (measured: docs/benchmarks.md).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
+        if qprompt_prefix is not None:
+            raise QPromptError(f"{type(module).__name__} needs an attention variant the prompt export does not "
+                               "support (softcap, sinks or dropout)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    q = query.reshape(batch, kv_heads, groups * length, dim)  # query head h = kv_head * groups + j
-    mask = attention_mask
-    if mask is not None:  # (B, 1, L, T) -> (B, 1, groups * L, T): the same mask for every head of a group
+    # Query head h = kv_head * groups + j; scaling q (a step's few rows) is cheaper than scaling the scores.
+    q = query.reshape(batch, kv_heads, groups * length, dim) * (scaling if scaling is not None else dim**-0.5)
+    scores = q @ key.transpose(-1, -2)
+    virtual = qprompt_prefix[module.layer_idx][1].shape[-2] if qprompt_prefix is not None else 0
+    if attention_mask is not None:  # boolean (B, 1, L, V + T) -> (B, 1, groups * L, T): the prefix is always attended
+        mask = attention_mask[..., virtual:]
         mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+        # A large negative rather than -inf: a padded query row that sees no key stays finite (it is ignored).
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if qprompt_prefix is None:
+        out = torch.softmax(scores, dim=-1) @ value
+    else:
+        prefix_key_t, prefix_value = qprompt_prefix[module.layer_idx]
+        weights = torch.softmax(torch.cat([q @ prefix_key_t, scores], dim=-1), dim=-1)
+        on_prefix, on_real = weights.split([virtual, weights.shape[-1] - virtual], dim=-1)  # one node, not two
+        out = on_prefix @ prefix_value + on_real @ value
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
@@ -140,7 +159,8 @@ def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
 
     config = module.base.config
     AttentionInterface.register("qprompt_grouped", grouped_attention)
-    AttentionMaskInterface.register("qprompt_grouped", sdpa_mask)
+    # Always a boolean mask: grouped_attention has no is_causal shortcut to fall back on.
+    AttentionMaskInterface.register("qprompt_grouped", partial(sdpa_mask, allow_is_causal_skip=False))
     previous = config._attn_implementation
     config._attn_implementation = "qprompt_grouped"  # export only: parity then checks it against the usual path
     try:
@@ -187,7 +207,11 @@ def _quantize(onnx, source: Path, target: Path, kind: str) -> None:
 
         # Unsigned weights (U8U8): with signed weights, AVX2 CPUs without VNNI saturate in the int8 dot
         # product; on SmolLM2 that took next-token agreement with fp32 from 96% to 0%.
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True)
+        # The prefix's keys/values (4-D constants read by attention) stay float: they are activations, not weights.
+        ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+        prefix_reads = [n.name for n in model.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1], 2) != 2]
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True,
+                         nodes_to_exclude=prefix_reads)
         return
     if kind in ("int8", "int4"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
