@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,11 @@ class RecipeConfig:
             raise QPromptError(f"recipe {self.name}: method.init=text needs method.init_text or template.instruction")
         if self.method.virtual_tokens < 1:
             raise QPromptError(f"recipe {self.name}: method.virtual_tokens must be at least 1")
+        target_fields = {f for _, f, _, _ in string.Formatter().parse(self.template.target) if f}
+        if target_fields != {"label"}:
+            raise QPromptError(f"recipe {self.name}: template.target must contain {{label}} and no other field "
+                               f"(got {self.template.target!r}); {{label}} stands for the verbalized label or the "
+                               "target text of data.label_field")
         return self
 
 

@@ -32,3 +32,11 @@ def test_overrides_are_validated():
         override(load_recipe("sentiment"), data__on_long="explode")
     assert load_recipe("sentiment").digest() == override(load_recipe("sentiment"), train__max_steps=9).digest()
     assert load_recipe("sentiment").digest() != override(load_recipe("sentiment"), train__lr=0.1).digest()
+
+
+def test_target_template_must_use_label(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntask: generation\nmethod: {init: random}\n"
+                   "template:\n  prompt: 'Abstract: {document}'\n  target: ' {summary}'\n")
+    with pytest.raises(QPromptError, match=r"template.target must contain \{label\}.*got ' \{summary\}'"):
+        load_recipe_file(bad)

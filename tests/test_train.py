@@ -130,3 +130,29 @@ def test_method_by_quantization_matrix(tiny_recipe, sentiment_files, tmp_path, m
     ids = torch.tensor([tok("Review: fine\nSentiment:")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_summarize_recipe_trains_and_scores_rouge(tiny_model_dir, tmp_path):
+    """The generation recipe end to end on real ACLSum rows: the target is the summary text (+ EOS),
+    the loss falls, and evaluation (soft prompt and hard prompt k-shot) reports ROUGE-L."""
+    from qprompt.config import load_recipe, override
+    from qprompt.evaluate import evaluate
+    from tests.conftest import shared_rows, write_jsonl
+
+    rows = shared_rows("aclsum", "train", 24)
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:16]),
+             "validation": write_jsonl(tmp_path / "validation.jsonl", rows[16:20])}
+    recipe = override(load_recipe("summarize"), model=str(tiny_model_dir), quant="none", data__max_length=160,
+                      method__virtual_tokens=4, train__max_steps=8, train__batch_size=4, train__grad_accum=1,
+                      train__lr=0.1, train__eval_every=8, train__eval_rows=2, train__log_every=1,
+                      train__warmup_steps=1)
+    out = tmp_path / "run"
+    _run(recipe, files, out, "none")
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3]), losses
+    tuned, tok, tuned_recipe, _ = load_artifact(out)
+    soft = evaluate(tuned, tok, tuned_recipe, rows[20:22], "test")
+    base, _, _ = load_model(recipe.model, "none")
+    hard = evaluate(base, tok, recipe, rows[20:22], "test", hard_prompt=True, shots=rows[:1])
+    for report in (soft, hard):
+        assert 0 <= report["rouge_l"] <= 1 and report["rows"] == 2
