@@ -69,11 +69,39 @@ def resolve_model(name: str) -> str:
             raise QPromptError(f"folder {name} has no config.json: point --model at a Hugging Face model folder")
         return os.path.abspath(name)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return name  # a hub id: transformers downloads it (or reads its own cache)
+        # A hub id: transformers downloads it or reads its own cache. Without a network it would retry
+        # for ~25 s before failing, so an id that is neither cached nor reachable fails here at once.
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not _in_hub_cache(name) and not hub_reachable():
+            raise QPromptError(f"model {name!r} is not in the local Hugging Face cache and {_hub_host()} cannot be "
+                               "reached; pass a local model folder or a built-in alias, or retry online")
+        return name
     raise QPromptError(
         f"unknown model {name!r}: pass a local model folder, a hub id (owner/name), "
         f"or one of the built-in aliases: {', '.join(ALIASES)}"
     )
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub opens within `timeout` seconds."""
+    import socket
+
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout).close()
+        return True
+    except OSError:  # no DNS, no route, refused or timed out
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def _alias_folder(name: str) -> Path:

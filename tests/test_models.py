@@ -36,4 +36,23 @@ def test_unknown_model_names_are_clear_errors(tmp_path):
         resolve_model("not a model")
     with pytest.raises(QPromptError, match="has no config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_hub_ids_pass_through_or_fail_fast_offline(monkeypatch):
+    import time
+
+    import qprompt.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    # An endpoint that cannot resolve (.invalid is reserved): no hub, and the id is not cached.
+    monkeypatch.undo()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    assert not models.hub_reachable()
+    start = time.perf_counter()
+    with pytest.raises(QPromptError, match="'someone/no-such-model' is not in the local Hugging Face cache and "
+                                           "hub.example.invalid cannot be reached"):
+        resolve_model("someone/no-such-model")
+    assert time.perf_counter() - start < 10
