@@ -198,3 +198,25 @@ def test_failed_parity_fails_the_export_and_writes_nothing(artifact, tmp_path, m
     with pytest.raises(QPromptError, match="does not match PyTorch"):
         export(artifact, tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_bare_base_exports_with_parity_and_pads_exactly(tiny_model_dir, tmp_path):
+    """The comparison graph (no soft prompt) goes through the same written-out attention: parity with
+    PyTorch, and left-padded rows (whose padded query rows see no key at all) equal single runs."""
+    from qprompt.config import load_recipe, override
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none")
+    data = export(None, tmp_path / "bare", base_model=recipe.model, recipe=recipe)
+    assert data["num_virtual_tokens"] == 0 and data["parity"]["greedy_tokens_equal"]
+    assert data["parity"]["max_abs_logit_diff"] < 1e-4
+    runtime = ExportedModel(tmp_path / "bare")
+    prompts = [runtime.prompt_ids(t) for t in ("fine", "a long, slow and quietly devastating film")]
+    ids, mask = runtime._left_pad(prompts)
+    logits, _ = runtime.forward(ids, mask, runtime.empty_past(2))
+    assert np.isfinite(logits).all()
+    for i, p in enumerate(prompts):
+        x = np.array([p])
+        single, _ = runtime.forward(x, np.ones_like(x), runtime.empty_past(1))
+        assert np.abs(logits[i, -1] - single[0, -1]).max() < 1e-4
+    assert runtime.generate_ids(prompts, Sampling(max_new_tokens=5)) == \
+        [runtime.generate_ids([p], Sampling(max_new_tokens=5))[0] for p in prompts]
