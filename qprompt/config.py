@@ -135,12 +135,16 @@ class RecipeConfig:
             raise QPromptError(f"recipe {self.name}: method.init=text needs method.init_text or template.instruction")
         if self.method.virtual_tokens < 1:
             raise QPromptError(f"recipe {self.name}: method.virtual_tokens must be at least 1")
-        target_fields = {f for _, f, _, _ in string.Formatter().parse(self.template.target) if f}
-        if target_fields != {"label"}:
+        if set(template_fields(self.template.target)) != {"label"}:
             raise QPromptError(f"recipe {self.name}: template.target must contain {{label}} and no other field "
                                f"(got {self.template.target!r}); {{label}} stands for the verbalized label or the "
                                "target text of data.label_field")
         return self
+
+
+def template_fields(template: str) -> list[str]:
+    """The {field} names a template fills, in order."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
 def from_dict(cls, data: dict, where: str):

@@ -14,13 +14,12 @@ import json
 import logging
 import random
 import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import DataConfig, RecipeConfig, SourceConfig
+from .config import DataConfig, RecipeConfig, SourceConfig, template_fields
 from .errors import QPromptError
 from .sources import fetch_package, read_member
 
@@ -161,10 +160,6 @@ class Example:
     prompt_ids: list[int]
     target_ids: list[int]
     label: str | None  # the row's label (classification) or reference text (generation)
-
-
-def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
 class Encoder:

@@ -136,17 +136,18 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     groups = heads // kv_heads
     # Query head h = kv_head * groups + j; scaling q (a step's few rows) is cheaper than scaling the scores.
     q = query.reshape(batch, kv_heads, groups * length, dim) * (scaling if scaling is not None else dim**-0.5)
-    scores = q @ key.transpose(-1, -2)
-    virtual = qprompt_prefix[module.layer_idx][1].shape[-2] if qprompt_prefix is not None else 0
-    if attention_mask is not None:  # boolean (B, 1, L, V + T) -> (B, 1, groups * L, T): the prefix is always attended
-        mask = attention_mask[..., virtual:]
-        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, -1)
-        # A large negative rather than -inf: a padded query row that sees no key stays finite (it is ignored).
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    if qprompt_prefix is None:
+    prefix = qprompt_prefix[module.layer_idx] if qprompt_prefix is not None else None
+    virtual = prefix[1].shape[-2] if prefix is not None else 0
+    # Boolean mask (B, 1, L, V + T) -> (B, 1, groups * L, T): the prefix is always attended, so only real keys
+    # are masked; the same mask serves every head of a group.
+    mask = attention_mask[..., virtual:]
+    mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, -1)
+    # A large negative rather than -inf: a padded query row that sees no key stays finite (it is ignored).
+    scores = (q @ key.transpose(-1, -2)).masked_fill(~mask, torch.finfo(q.dtype).min)
+    if prefix is None:
         out = torch.softmax(scores, dim=-1) @ value
     else:
-        prefix_key_t, prefix_value = qprompt_prefix[module.layer_idx]
+        prefix_key_t, prefix_value = prefix
         weights = torch.softmax(torch.cat([q @ prefix_key_t, scores], dim=-1), dim=-1)
         on_prefix, on_real = weights.split([virtual, weights.shape[-1] - virtual], dim=-1)  # one node, not two
         out = on_prefix @ prefix_value + on_real @ value
@@ -159,7 +160,7 @@ def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
 
     config = module.base.config
     AttentionInterface.register("qprompt_grouped", grouped_attention)
-    # Always a boolean mask: grouped_attention has no is_causal shortcut to fall back on.
+    # Always a boolean mask (never None): grouped_attention has no is_causal shortcut to fall back on.
     AttentionMaskInterface.register("qprompt_grouped", partial(sdpa_mask, allow_is_causal_skip=False))
     previous = config._attn_implementation
     config._attn_implementation = "qprompt_grouped"  # export only: parity then checks it against the usual path
