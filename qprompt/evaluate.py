@@ -12,7 +12,7 @@ import torch
 
 from .config import RecipeConfig
 from .data import Encoder, Example, collate
-from .methods import next_token_logprobs, target_logprobs, virtual_tokens
+from .methods import base_of, greedy_generate, next_token_logprobs, target_logprobs, virtual_tokens
 from .metrics import classification_metrics, rouge_l
 
 
@@ -43,16 +43,33 @@ def classify(model, encoder: Encoder, examples: list[Example], batch_size: int =
     return [labels[i] for i in scores.argmax(dim=1).tolist()]
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a generation: the model's generation config's EOS ids, else the tokenizer's."""
+    eos = getattr(getattr(base_of(model), "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return sorted({eos} if isinstance(eos, int) else set(eos or []))
+
+
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy continuation of each prompt, one at a time (no padding, so positions are exact)."""
-    out = []
-    for ids in prompts:
-        input_ids = torch.tensor([ids], device=model.device)
-        generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True).strip())
+def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64,
+                   batch_size: int = 8) -> list[str]:
+    """Greedy continuation of each prompt, in left-padded batches of similar length.
+
+    Positions count real tokens only (methods.greedy_generate), so a row's text does not depend on
+    what it was batched with.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = stop_token_ids(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([Example(prompts[i], [], None) for i in idx], pad, with_target=False, pad_left=True)
+        generated = greedy_generate(model, batch["input_ids"].to(model.device),
+                                    batch["attention_mask"].to(model.device), max_new_tokens, stops, pad)
+        for i, ids in zip(idx, generated):
+            out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return out
 
 

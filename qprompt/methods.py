@@ -160,8 +160,12 @@ def enable_gradient_checkpointing(model) -> None:
         layer._can_checkpoint_with_cache = True
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states of the real tokens (B, L, H), with the soft prompt (if any) in front."""
+def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The decoder's inputs for [soft prompt; real tokens]: (embeds, mask, positions, prefix, n_front).
+
+    `prefix` holds prefix tuning's per-layer (keys, values), else None; `n_front` counts the virtual
+    token embeddings put in front of the real ones (prompt tuning, p-tuning), else 0.
+    """
     base = base_of(model)
     embeds = base.get_input_embeddings()(input_ids)
     batch = input_ids.shape[0]
@@ -170,19 +174,67 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     # or right padding gives every row the positions it has alone (and that the ONNX export uses).
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + n_virtual
     mask = torch.cat([attention_mask.new_ones((batch, n_virtual)), attention_mask], dim=1)
-    decoder = base.get_decoder()
-    if is_prefix(model):  # the learned keys/values, read (never extended) by every layer
+    if is_prefix(model):  # the learned keys/values, read by every layer
         prefix = [(layer.keys, layer.values) for layer in model.get_prompt(batch_size=batch).layers]
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                      past_key_values=FixedPrefix(ddp_cache_data=prefix), use_cache=True)
-        return out.last_hidden_state
+        return embeds, mask, positions, prefix, 0
     if n_virtual:  # prompt tuning, p-tuning: virtual token embeddings in front, at positions 0..n-1
         prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
         embeds = torch.cat([prompts, embeds], dim=1)
         virtual_positions = torch.arange(n_virtual, device=input_ids.device).expand(batch, -1)
         positions = torch.cat([virtual_positions, positions], dim=1)
+    return embeds, mask, positions, None, n_virtual
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of the real tokens (B, L, H), with the soft prompt (if any) in front."""
+    embeds, mask, positions, prefix, n_front = _prompted_inputs(model, input_ids, attention_mask)
+    decoder = base_of(model).get_decoder()
+    if prefix is not None:  # read, never extended: a checkpointed layer may run twice
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                      past_key_values=FixedPrefix(ddp_cache_data=prefix), use_cache=True)
+        return out.last_hidden_state
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
-    return out.last_hidden_state[:, n_virtual:]
+    return out.last_hidden_state[:, n_front:]
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch, each cut after its first stop token.
+
+    Positions follow the same rule as training and scoring (real tokens only, after the virtual
+    ones), so a row gives the same tokens in any batch; PEFT's `generate` numbers left-padded rows
+    differently for prefix tuning.
+    """
+    if attention_mask[:, -1].min() < 1:
+        raise ValueError("greedy_generate needs left padding (every row's last column a real token)")
+    base = base_of(model)
+    decoder, head, embed = base.get_decoder(), base.get_output_embeddings(), base.get_input_embeddings()
+    embeds, mask, positions, prefix, _ = _prompted_inputs(model, input_ids, attention_mask)
+    cache = DynamicCache(ddp_cache_data=prefix) if prefix is not None else DynamicCache()
+    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                  past_key_values=cache, use_cache=True)
+    batch = input_ids.shape[0]
+    stops = torch.tensor(stop_ids, device=input_ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    position = positions[:, -1:] + 1
+    tokens = []
+    for step in range(max_new_tokens):
+        token = head(out.last_hidden_state[:, -1]).argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done |= torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+        out = decoder(inputs_embeds=embed(token[:, None]), attention_mask=mask, position_ids=position,
+                      past_key_values=out.past_key_values, use_cache=True)
+        position = position + 1
+    result = []
+    for row in torch.stack(tokens, dim=1).tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        result.append(row[: cut + 1] if cut < len(row) else row)
+    return result
 
 
 def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
