@@ -8,8 +8,11 @@ when a run needs it. The per-layer inventory below was read off autograd's saved
 Llama-style decoder (tests/test_plan.py checks it against them):
 
     two RMSNorms       their float32 input                      2 x hidden x 4 bytes
-    attention (SDPA)   q, k, v (repeated to every head), output 4 x heads x head_dim x b
-    MLP                SiLU input, SiLU output, up projection   3 x intermediate x b
+    attention (SDPA)   q and output per query token             2 x heads x head_dim x b
+                       k and v per key token: repeated to every query head on CUDA (2 x heads x head_dim
+                       x b), grouped on CPU, where training runs SDPA with enable_gqa (2 x kv_heads ...)
+    MLP                gate and up projections                  2 x intermediate x b
+                       (qprompt recomputes act(gate) in the backward pass; stock autograd keeps it too)
 
 Frozen Linear and bitsandbytes layers save no input (only their weight, which is resident anyway).
 """
@@ -95,12 +98,16 @@ def prompt_parameters(shape: Shape, method: str, virtual_tokens: int, encoder: s
     raise ValueError(f"unknown method {method!r}")
 
 
-def activation_bytes(shape: Shape, batch: int, query_len: int, key_len: int, b: int) -> tuple[int, int]:
-    """(bytes one decoder layer keeps for backward, bytes of the final norm and the attention mask)."""
+def activation_bytes(shape: Shape, batch: int, query_len: int, key_len: int, b: int,
+                     grouped_kv: bool = False) -> tuple[int, int]:
+    """(bytes one decoder layer keeps for backward, bytes of the final norm and the attention mask).
+
+    `grouped_kv`: attention keeps keys and values at their own head count (CPU training), not repeated."""
     tq, tk = batch * query_len, batch * key_len
     qo = shape.heads * shape.head_dim
-    per_layer = (tq * (2 * shape.hidden * 4 + 2 * 4 + 2 * qo * b + shape.heads * 4 + 3 * shape.intermediate * b)
-                 + tk * 2 * qo * b)
+    kv = (shape.kv_heads if grouped_kv else shape.heads) * shape.head_dim
+    per_layer = (tq * (2 * shape.hidden * 4 + 2 * 4 + 2 * qo * b + shape.heads * 4 + 2 * shape.intermediate * b)
+                 + tk * 2 * kv * b)
     once = tq * (shape.hidden * 4 + 4) + batch * query_len * key_len * b
     return per_layer, once
 
@@ -135,7 +142,7 @@ def plan_memory(shape: Shape, quant: str, method: str, virtual_tokens: int, batc
     prefix = method == "prefix-tuning"
     query_len = seq_len if prefix else seq_len + virtual_tokens
     key_len = seq_len + virtual_tokens
-    per_layer, once = activation_bytes(shape, batch, query_len, key_len, b)
+    per_layer, once = activation_bytes(shape, batch, query_len, key_len, b, grouped_kv=device == "cpu")
     if checkpointing:  # each layer keeps its input; one layer's activations live again during its backward
         activations = n * batch * query_len * h * b + per_layer + once
     else:

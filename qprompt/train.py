@@ -7,6 +7,7 @@ interrupted run continues with `--resume` exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -25,7 +26,14 @@ from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
 from .errors import QPromptError
 from .evaluate import evaluate, main_metric
-from .methods import add_soft_prompt, enable_gradient_checkpointing, target_logprobs, trainable_parameters
+from .methods import (
+    add_soft_prompt,
+    enable_gradient_checkpointing,
+    grouped_query_sdpa,
+    lean_gated_mlp,
+    target_logprobs,
+    trainable_parameters,
+)
 from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
@@ -141,6 +149,19 @@ def plot_loss(output: Path) -> None:
     plt.close(fig)
 
 
+def heap_trimmer():
+    """glibc's malloc_trim on CPU runs, else None. Called after each step, it hands the heap's free pages
+    back to the OS: without it, freed activations stay resident, and as batches of other lengths carve
+    up the freed space the resident size creeps above one step's needs (SmolLM2-135M nf4, batch 16,
+    20 steps: peak RSS 4.97 GiB without, 4.42 with). The next step faults the pages back in once."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[str, list[dict]], output: str | Path,
           resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train the recipe's soft prompt on `model`; writes the artifact to `output`, returns its manifest."""
@@ -165,6 +186,7 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
         return_freed_memory_to_the_os()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    lean_gated_mlp(model)  # same outputs and gradients, a third fewer MLP activations kept for backward
     if saved is not None:
         # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
         model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
@@ -237,6 +259,11 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not progress, desc="train", unit="step")
     window_tokens, window_start, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
     resume_at = (state["epoch"], state["position"])
+    scope = contextlib.ExitStack()  # settings that hold for the training loop only
+    trim_heap = None
+    if model.device.type == "cpu":
+        scope.enter_context(grouped_query_sdpa())
+        trim_heap = heap_trimmer()
     try:
         while state["step"] < cfg.max_steps:
             step_start = time.perf_counter()
@@ -255,6 +282,8 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if trim_heap is not None:
+                trim_heap(0)
             state["step"] += 1
             state["seconds"] += time.perf_counter() - step_start
             bar.update(1)
@@ -285,6 +314,7 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
                            "continue with --resume") from None
     finally:
         bar.close()
+        scope.close()
     metrics_file.close()
     plot_loss(output)
 

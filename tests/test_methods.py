@@ -1,5 +1,8 @@
 """qprompt's own forward pass must agree with PEFT's for every method, whatever the padding."""
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -115,6 +118,60 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activa
     ckpt, ckpt_saved = grads_and_saved(True)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
     assert ckpt_saved < plain_saved
+
+
+@pytest.mark.parametrize("saver", ["gated-mlp", "gated-mlp-gelu", "grouped-sdpa", "gated-mlp+checkpointing"])
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_savers_give_the_same_gradients_with_fewer_saved_bytes(tiny_model_dir, method, saver):
+    """The training-time memory savers change what autograd keeps, never the loss or the gradients."""
+    from transformers.activations import ACT2FN
+
+    from qprompt.methods import enable_gradient_checkpointing, grouped_query_sdpa, lean_gated_mlp
+
+    def grads_and_saved(on):
+        torch.manual_seed(0)
+        model, tok, recipe = _model(tiny_model_dir, method, "nf4")
+        mlps = [m for m in model.modules() if hasattr(m, "act_fn")]
+        if saver.endswith("gelu"):  # the generic (non-SiLU) backward
+            for m in mlps:
+                m.act_fn = ACT2FN["gelu_pytorch_tanh"]
+        if "checkpointing" in saver:
+            enable_gradient_checkpointing(model)
+        if on and "gated-mlp" in saver:
+            assert lean_gated_mlp(model) == len(mlps) == 2
+        model.train()
+        batch = collate([Encoder(recipe, tok, 5).encode(r) for r in ROWS], tok.pad_token_id)
+        storages = {}
+
+        def keep(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        scope = grouped_query_sdpa() if on and saver == "grouped-sdpa" else contextlib.nullcontext()
+        with scope, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logp, n = target_logprobs(model, batch)
+        loss = -logp.sum() / n.sum()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad], sum(storages.values())
+
+    loss, grads, saved = grads_and_saved(False)
+    lean_loss, lean_grads, lean_saved = grads_and_saved(True)
+    assert lean_loss == pytest.approx(loss, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, lean_grads))
+    if "checkpointing" in saver:  # the layer's inputs are all it keeps either way; the recomputation must agree
+        assert lean_saved == saved
+    else:
+        assert lean_saved < saved
+    assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is None  # the switch does not outlive its scope
+
+
+def test_lean_gated_mlp_leaves_other_mlps_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qprompt.methods import lean_gated_mlp
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert lean_gated_mlp(model) == 0
 
 
 @pytest.mark.parametrize("init", ["text", "labels", "vocab"])

@@ -1,5 +1,6 @@
 """`qprompt plan`: memory predicted from the config alone, checked against what autograd really keeps."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from transformers import AutoConfig
 
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
-from qprompt.methods import add_soft_prompt, target_logprobs, trainable_parameters
+from qprompt.methods import add_soft_prompt, grouped_query_sdpa, lean_gated_mlp, target_logprobs, trainable_parameters
 from qprompt.models import load_model
 from qprompt.plan import ARCHITECTURES, Shape, activation_bytes, advise, plan_memory, prompt_parameters
 
@@ -35,11 +36,15 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("grouped_kv", [False, True])
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
-def test_activation_inventory_matches_autograd(tiny_model_dir, method):
+def test_activation_inventory_matches_autograd(tiny_model_dir, method, grouped_kv):
+    """The plan's per-layer inventory against autograd, set up as training sets it up (gated MLPs that
+    recompute their activation; on CPU, grouped keys and values in SDPA)."""
     recipe = override(load_recipe("sentiment"), method__name=method, method__virtual_tokens=7, method__init="random")
     base, _, info = load_model(str(tiny_model_dir), "nf4")
     model = add_soft_prompt(base, recipe, info.path)
+    assert lean_gated_mlp(model) > 0
     model.train()
     batch_size, length = 4, 30
     ids = torch.randint(5, 100, (batch_size, length))
@@ -47,10 +52,11 @@ def test_activation_inventory_matches_autograd(tiny_model_dir, method):
     mask[0, :6] = 0  # padding: keys and values are repeated to every head, as in real batches
     labels = torch.full_like(ids, -100)
     labels[:, -1] = ids[:, -1]
-    measured = saved_activation_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    with grouped_query_sdpa() if grouped_kv else contextlib.nullcontext():
+        measured = saved_activation_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     shape = Shape.of(base.config)
     query = length if method == "prefix-tuning" else length + 7
-    per_layer, once = activation_bytes(shape, batch_size, query, length + 7, 4)
+    per_layer, once = activation_bytes(shape, batch_size, query, length + 7, 4, grouped_kv=grouped_kv)
     predicted = shape.layers * per_layer + once
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
 
