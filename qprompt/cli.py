@@ -399,7 +399,7 @@ def plan(model_name, quant, method, virtual_tokens, batch, seq_len, target_token
     click.echo(f"{model_name}: {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; {method} "
                f"({virtual_tokens} virtual tokens), {quant}, batch {batch} x {seq_len} tokens, {dtype}"
                f"{', gradient checkpointing' if gradient_checkpointing else ''}")
-    for name in ("weights", "prompt", "activations", "logits", "backward_working_set", "runtime"):
+    for name in ("weights", "prompt", "activations", "logits", "backward_working_set", "runtime", "heap_overhead"):
         value = getattr(p, name)
         if value:
             click.echo(f"  {name.replace('_', ' '):<22}{value:>8.2f} GiB")

@@ -105,6 +105,8 @@ def test_plan_command(tiny_model_dir):
     done = runner.invoke(main, ["plan", "--model", "llama-3-8b"])
     assert done.exit_code == 0 and "does not fit a 8 GiB GPU" in done.output
     assert "--gradient-checkpointing" in done.output
+    done = runner.invoke(main, ["plan", "--model", str(tiny_model_dir), "--device", "cpu"])
+    assert done.exit_code == 0 and "heap overhead" in done.output and "GPU" not in done.output
     done = runner.invoke(main, ["plan", "--model", "no-such-model-folder", "--device", "cpu"])
     assert done.exit_code == 2 and done.output.startswith("error: unknown model") and done.output.count("\n") == 1
 
