@@ -218,6 +218,9 @@ def lean_gated_mlp(model) -> int:
     return len(mlps)
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' switch, read at every attention call
+
+
 @contextlib.contextmanager
 def grouped_query_sdpa():
     """Inside: SDPA attends with the key/value heads as they are (enable_gqa) instead of repeating
@@ -225,7 +228,7 @@ def grouped_query_sdpa():
     kernels then fall back to the slow one; on CPU it keeps the backward pass from saving the repeated
     keys and values (8% of SmolLM2's saved activations) at the same speed and with the same result."""
     previous = os.environ.get(_FORCE_GQA)
-    os.environ[_FORCE_GQA] = "1"  # transformers reads it at every attention call
+    os.environ[_FORCE_GQA] = "1"
     try:
         yield
     finally:
@@ -233,9 +236,6 @@ def grouped_query_sdpa():
             os.environ.pop(_FORCE_GQA, None)
         else:
             os.environ[_FORCE_GQA] = previous
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
