@@ -1,32 +1,30 @@
 """Shared fixtures: a tiny random-weight Llama with a real (small) BPE tokenizer, and real data slices.
 
 The tiny model is built from a config, so no weights are downloaded; its tokenizer is trained on the
-test data itself in well under a second. Data comes from ../shared/data beside the repository.
+test data itself in well under a second. Data comes from tests/data (small committed slices of the
+real task data; tests/data/README.md names their sources and licences).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(os.environ.get("QPROMPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
-def shared_rows(task: str, split: str, n: int) -> list[dict]:
-    path = SHARED_DATA / task / f"{split}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set QPROMPT_SHARED_DATA)")
-    rows = []
-    with open(path) as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if len(rows) == n:
-                break
-    return rows
+def data_rows(task: str, split: str, n: int | None = None) -> list[dict]:
+    """The first `n` rows of a committed slice (tests/data/TASK-SPLIT.jsonl); all of them for None.
+
+    A missing file or too few rows fail the test: nothing here may be skipped for want of data."""
+    path = TEST_DATA / f"{task}-{split}.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    if n is not None and len(rows) < n:
+        raise AssertionError(f"{path} has {len(rows)} rows, the test needs {n}")
+    return rows[:n]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -49,8 +47,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    texts = [r["text"] for r in shared_rows("rotten_tomatoes", "train", 2000)]
-    texts += [f"{r['premise']} {r['hypothesis']}" for r in shared_rows("snli", "train", 500)]
+    texts = [r["text"] for r in data_rows("rotten_tomatoes", "train")]
+    texts += [f"{r['premise']} {r['hypothesis']}" for r in data_rows("snli", "train")]
     texts += ["Review: Sentiment: positive negative entailment neutral contradiction spam ham"] * 10
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,9 +71,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def sentiment_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("sentiment-data")
     return {
-        "train": write_jsonl(folder / "train.jsonl", shared_rows("rotten_tomatoes", "train", 96)),
-        "validation": write_jsonl(folder / "validation.jsonl", shared_rows("rotten_tomatoes", "validation", 24)),
-        "test": write_jsonl(folder / "test.jsonl", shared_rows("rotten_tomatoes", "test", 32)),
+        "train": write_jsonl(folder / "train.jsonl", data_rows("rotten_tomatoes", "train", 96)),
+        "validation": write_jsonl(folder / "validation.jsonl", data_rows("rotten_tomatoes", "validation", 24)),
+        "test": write_jsonl(folder / "test.jsonl", data_rows("rotten_tomatoes", "test", 32)),
     }
 
 
