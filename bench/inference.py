@@ -115,6 +115,9 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, re
     if "agreement" in parts:
         agreement_part(results, artifact, rows, work)
     show(results)
+    from machine import describe
+
+    results["machine"] = describe()
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).write_text(json.dumps(results, indent=1) + "\n")
     click.echo(f"wrote {json_out}")

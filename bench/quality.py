@@ -121,6 +121,9 @@ def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
     if row_spec:  # child process: one row, written to its JSON file
         *spec, out = json.loads(row_spec)
         row = run_row(*spec)
+        from machine import describe
+
+        row["machine"] = describe()
         Path(out).write_text(json.dumps(row, indent=1) + "\n")
         return
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 @click.option("--out", "json_out", default=None, help="JSON results [default: bench/results/sentiment-QUANT.json].")
 def main(quant, max_steps, lr, output, json_out):
     sys.path.insert(0, str(ROOT))
+    from machine import describe
+
     from qprompt.cli import quiet_libraries
     from qprompt.config import load_recipe_file, override
     from qprompt.pipeline import report_lines, train_and_compare
@@ -42,7 +44,7 @@ def main(quant, max_steps, lr, output, json_out):
     for part in ("baseline", "soft_prompt"):
         result[part].pop("predictions")
     result.update(quant=quant, recipe=recipe.to_dict(), total_seconds=round(time.perf_counter() - start, 1),
-                  peak_rss_gb=round(peak_rss_gb, 2), command=" ".join(sys.argv))
+                  peak_rss_gb=round(peak_rss_gb, 2), command=" ".join(sys.argv), machine=describe())
     click.echo("\n".join(report_lines(result)))
     click.echo(f"peak RSS {peak_rss_gb:.2f} GB; whole job {result['total_seconds']:.0f} s")
     path = Path(json_out or ROOT / "bench" / "results" / f"sentiment-{quant}.json")

@@ -250,7 +250,9 @@ def main(model, arch, quant, method, virtual_tokens, batch, seq_len, steps, grad
             "batch": batch, "seq_len": seq_len, "steps": steps, "gradient_checkpointing": gradient_checkpointing,
             "lean_memory": lean_memory,
             "device": device, "dtype": "bfloat16" if device == "cuda" else "float32"}
-    results = {"args": args, "command": " ".join(["python", *sys.argv]), "runs": {}}
+    from machine import describe
+
+    results = {"args": args, "command": " ".join(["python", *sys.argv]), "runs": {}, "machine": describe()}
     if device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     for trainer in trainers.split(","):
