@@ -97,13 +97,19 @@ def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment
     assert f"pass --model {tiny_model_dir}" in result.output
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_install_and_test_commands_in_a_fresh_venv():
+    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert f"    {ci_command}\n" in readme
+    ci = (root / ".ci" / "run").read_text()
+    install = re.search(r'^INSTALL="(.+)"$', ci, re.M).group(1)
+    test = re.search(r'^TEST="(.+)"$', ci, re.M).group(1)
+    assert f"    {install} && {test}\n" in readme
+    assert "-c constraints.txt" in install and (root / "constraints.txt").is_file()
+    # A venv of its own, made by CI, holds what the commands install.
+    assert re.search(r'^python3 -m venv "\$VENV"$', ci, re.M) and 'eval "$INSTALL"' in ci and 'eval "$TEST"' in ci
 
 
 def test_export_run_and_eval_an_export(artifact, sentiment_files, tmp_path):
@@ -155,3 +161,27 @@ def test_another_method_gets_its_own_learning_rate(tiny_model_dir, sentiment_fil
                  "--max-steps", 1, "--batch-size", 4, "--eval-every", 0, "--quant", "none", "--output", out, *extra)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "qprompt.json").read_text())["recipe"]["train"]["lr"] == lr
+
+
+def test_constraints_pin_every_dependency_inside_its_declared_range():
+    """constraints.txt (what CI tested) and pyproject.toml's ranges must not drift apart."""
+    from importlib.metadata import requires
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).resolve().parents[1]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    declared = [Requirement(r) for r in requires("qprompt")]  # the installed metadata: pyproject.toml as built
+    declared = [r for r in declared if r.marker is None or r.marker.evaluate({"extra": "dev"})]
+    assert {"torch", "onnx", "onnxscript", "pytest"} <= {canonicalize_name(r.name) for r in declared}
+    for spec in declared:
+        version = pins.get(canonicalize_name(spec.name))
+        assert version is not None, f"{spec.name} is declared but not pinned in constraints.txt"
+        assert spec.specifier.contains(version), f"{spec.name}=={version} is outside {spec}"
+        assert any(s.operator in ("<", "<=", "==") for s in spec.specifier), f"{spec.name} has no upper bound"
