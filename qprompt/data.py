@@ -106,8 +106,9 @@ def _csv_rows(text: str, delimiter: str, where: str) -> list[dict]:
             # DictReader files surplus cells under None and fills missing ones with None: both are a shifted row.
             if None in r or None in r.values():
                 cells = len(reader.fieldnames) + len(r.get(None, [])) - sum(v is None for v in r.values())
-                raise QPromptError(f"{where}: line {reader.line_num} has {cells} cells but the header has "
-                                   f"{len(reader.fieldnames)}; quote cells that hold the separator, or fix that line")
+                raise QPromptError(f"{where}: line {reader.line_num} has {cells} cell{'s' * (cells != 1)} but the "
+                                   f"header has {len(reader.fieldnames)}; quote cells that hold the separator, or "
+                                   "fix that line")
             rows.append(_row(r, reader.line_num))
     except csv.Error as exc:
         raise QPromptError(f"{where}: malformed CSV at line {reader.line_num} ({exc}); fix that line") from exc

@@ -125,7 +125,8 @@ class ExportedModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
         except Exception as exc:  # onnxruntime raises its own types for corrupt files
-            raise ExportError(f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]})") from exc
+            raise ExportError(f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]}); the file is "
+                              "damaged or not an ONNX graph: export again") from exc
         names = {i.name for i in self.session.get_inputs()}
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(m["num_layers"]) for kind in ("key", "value")]
         missing = {"input_ids", "attention_mask", *self.past_names} - names

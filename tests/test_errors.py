@@ -30,6 +30,7 @@ def assert_one_error(result, *words: str) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.output
     assert "Traceback" not in result.output
+    print(errors[0])  # shown with -s: the messages users see
     for word in words:
         assert word in errors[0], errors[0]
     return errors[0]
@@ -194,7 +195,7 @@ def test_onnxruntime_failures_are_one_line(exported, sentiment_files, tmp_path):
     for command in (["run", exp, "--prompt", "a fine film"], ["eval", exp, "--data", sentiment_files["test"]]):
         assert_one_error(run(*command), "onnxruntime could not run model.onnx", "export again")
     (exp / "model.onnx").write_bytes(b"garbage")
-    assert_one_error(run("run", exp, "--prompt", "a fine film"), "could not be loaded by onnxruntime")
+    assert_one_error(run("run", exp, "--prompt", "a fine film"), "could not be loaded by onnxruntime", "export again")
 
 
 # 8 ------------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_csv_row_with_extra_or_missing_cells(tmp_path):
     bad.write_text("text,label\ngood film,positive\na film, sadly,negative\n")
     assert_one_error(train_on(bad, tmp_path), "bad.csv: line 3 has 3 cells but the header has 2", "quote cells")
     bad.write_text("text,label\ngood film,positive\nno label\n")
-    assert_one_error(train_on(bad, tmp_path), "line 3 has 1 cells but the header has 2")
+    assert_one_error(train_on(bad, tmp_path), "line 3 has 1 cell but the header has 2")
 
 
 def test_data_that_is_not_utf8(tmp_path):
