@@ -53,6 +53,13 @@ def check_output_file(path: str | None, option: str) -> None:
         raise QPromptError(f"{option} {path}: folder {parent} {what}; create the folder or choose another path")
 
 
+def check_output_folder(path: str | Path, option: str) -> None:
+    """A folder option whose path runs through a file cannot be created: say so before the work."""
+    blocker = next((p for p in Path(path).absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise QPromptError(f"{option} {path}: {blocker} is a file, not a folder; choose another path")
+
+
 def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="qprompt: %(message)s")
     log.setLevel(logging.INFO)
@@ -145,6 +152,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
                    train__gradient_checkpointing=gradient_checkpointing, train__lean_memory=lean_memory,
                    data__max_length=max_length, data__on_long=on_long)
     output = Path(output or f"runs/{cfg.name}-{cfg.method.name}-{cfg.quant}")
+    check_output_folder(output, "--output")
     splits = load_splits(cfg, data, eval_data)
     check_splits(cfg, splits, data, eval_data)  # bad rows fail now, not after the model load
     check_model_tokenizer(cfg.model)

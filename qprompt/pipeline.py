@@ -80,7 +80,7 @@ def recipe_command(config_path: Path):
 
     import click
 
-    from .cli import QPromptCommand, check_output_file, model_options, quiet_libraries
+    from .cli import QPromptCommand, check_output_file, check_output_folder, model_options, quiet_libraries
     from .config import load_recipe_file, override
 
     @click.command(cls=QPromptCommand, help=f"Train the {config_path.stem} soft prompt and compare it with the "
@@ -105,6 +105,7 @@ def recipe_command(config_path: Path):
              virtual_tokens, lr, output, resume, overwrite, json_out):
         quiet_libraries()
         check_output_file(json_out, "--json")
+        check_output_folder(output, "--output")
         recipe = load_recipe_file(config_path)
         recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
                           method__virtual_tokens=virtual_tokens, train__lr=learning_rate_for(method, recipe, lr))

@@ -207,6 +207,10 @@ def test_json_into_a_missing_folder_fails_before_the_work(artifact, exported, se
     assert_one_error(run("eval", exported, "--data", sentiment_files["test"], "--json", out), *words)
     (tmp_path / "a-file").write_text("")
     assert_one_error(run("eval", exported, "--json", tmp_path / "a-file" / "m.json"), "is a file, not a folder")
+    assert_one_error(run("train", "--model", NO_MODEL, "--output", tmp_path / "a-file" / "run"),
+                     "--output", "a-file is a file, not a folder")
+    assert_one_error(run("--output", tmp_path / "a-file" / "run", command=recipe_script()),
+                     "a-file is a file, not a folder")
 
 
 def recipe_script():
