@@ -20,12 +20,42 @@ from .config import RecipeConfig, from_dict
 from .errors import QPromptError
 from .methods import load_soft_prompt
 from .models import ModelInfo, load_model
+from .runtime import ExportError, read_json_object, tokenizer_problem
 
 MANIFEST = "qprompt.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "qprompt-artifact/1"
 log = logging.getLogger("qprompt")
 
 
+# ------------------------------------------------------------------------------------ checkpoint
+# The keys train.py reads back from checkpoint/state.pt on --resume.
+CHECKPOINT_KEYS = ("optimizer", "scheduler", "rng", "prompt_encoder", "step", "epoch", "position", "best",
+                   "best_step", "tokens", "seconds", "wall_seconds", "recipe_digest", "fingerprint")
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    """checkpoint/state.pt for --resume: tensors and plain data only (weights_only), and a clear error when
+    the file is truncated, damaged or not a qprompt checkpoint."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    fix = (f"continue from a copy of {path.parent}, or start the run again with --overwrite "
+           "(the checkpoint's progress is lost)")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise QPromptError(f"checkpoint {path} cannot be read (truncated or damaged: {first}); {fix}") from exc
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["all keys"]
+    if missing:
+        raise QPromptError(f"checkpoint {path} is not a qprompt training state (missing {missing[0]!r}); {fix}")
+    return state
+
+
+# --------------------------------------------------------------------------------------- manifest
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".partial")
@@ -51,6 +81,11 @@ def manifest(info: ModelInfo, recipe: RecipeConfig, metrics: dict, training: dic
     }
 
 
+# The keys read back from qprompt.json (by eval, generate, export and the recipe scripts).
+MANIFEST_KEYS = ("base", "base.name", "base.quant", "base.fingerprint", "recipe", "method", "virtual_tokens",
+                 "training")
+
+
 def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
@@ -59,18 +94,18 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise QPromptError(f"{folder} has no {MANIFEST}, so it is not a qprompt artifact; "
                            "pass an --output folder of `qprompt train`")
+    fix = "restore it from a copy or train again"
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QPromptError(f"{path} is not valid JSON (line {exc.lineno}); restore it or train again") from exc
-    missing = [k for k in ("format", "base", "recipe") if k not in data]
-    if missing or data.get("format") != FORMAT:
-        raise QPromptError(f"{path} is not a {FORMAT} manifest (missing {', '.join(missing) or 'format'}); train again")
+        data = read_json_object(path, FORMAT, MANIFEST_KEYS, fix)
+    except ExportError as exc:  # the shared reader's type; here it is an artifact problem
+        raise QPromptError(str(exc)) from None
+    if not isinstance(data["recipe"], dict) or not isinstance(data["base"], dict):
+        raise QPromptError(f"{path}: 'base' and 'recipe' must be JSON objects; {fix}")
     return data
 
 
 def recipe_of(data: dict) -> RecipeConfig:
-    return from_dict(RecipeConfig, data["recipe"], MANIFEST).validate()
+    return from_dict(RecipeConfig, data["recipe"], f"{MANIFEST} recipe").validate()
 
 
 def check_base(data: dict, info: ModelInfo, folder: str | Path) -> None:
@@ -91,7 +126,37 @@ def load_artifact(folder: str | Path, model: str | None = None, quant: str | Non
     data = read_manifest(folder)
     if not (Path(folder) / "adapter_config.json").is_file():
         raise QPromptError(f"{folder} has no adapter_config.json: training never saved a prompt; train again")
+    check_adapter_weights(folder)
     base = data["base"]
+    check_model_tokenizer(model or base["name"])
     model_obj, tokenizer, info = load_model(model or base["name"], quant or base["quant"], compute_dtype, device)
     check_base(data, info, folder)
     return load_soft_prompt(model_obj, folder), tokenizer, recipe_of(data), data
+
+
+# ----------------------------------------------------------------------------- checks before loading
+# Both files are read only after the ~20-second base load, and their libraries' errors are tracebacks.
+def check_adapter_weights(folder: str | Path) -> None:
+    """Refuse a missing, truncated or damaged adapter_model.safetensors before PEFT reads it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise QPromptError(f"{folder} has no {ADAPTER_WEIGHTS}: the soft prompt itself is missing; copy the "
+                           "artifact again or train again")
+    try:
+        with safe_open(str(path), framework="pt") as f:  # validates the header against the file's size
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise QPromptError(f"{path} is damaged ({str(exc).splitlines()[0]}); copy the artifact again or "
+                           "train again") from exc
+
+
+def check_model_tokenizer(model: str) -> None:
+    """A local model folder's tokenizer.json must parse (the tokenizers library fails with a bare Exception)."""
+    path = Path(model) / "tokenizer.json"
+    if path.is_file():
+        problem = tokenizer_problem(path)
+        if problem:
+            raise QPromptError(f"model folder {model}: tokenizer.json is damaged ({problem}); copy the model "
+                               "folder again")

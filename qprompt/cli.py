@@ -27,7 +27,7 @@ class _FriendlyErrors:
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except QPromptError as exc:
+        except (QPromptError, ExportError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -41,6 +41,23 @@ class QPromptGroup(_FriendlyErrors, click.Group):
 
 class QPromptCommand(_FriendlyErrors, click.Command):
     pass
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Fail before the work, not after it, when a file option points into a folder that is not there."""
+    if path is None:
+        return
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        what = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise QPromptError(f"{option} {path}: folder {parent} {what}; create the folder or choose another path")
+
+
+def check_output_folder(path: str | Path, option: str) -> None:
+    """A folder option whose path runs through a file cannot be created: say so before the work."""
+    blocker = next((p for p in Path(path).absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise QPromptError(f"{option} {path}: {blocker} is a file, not a folder; choose another path")
 
 
 def quiet_libraries() -> None:
@@ -116,8 +133,9 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
           max_steps, batch_size, grad_accum, lr, gradient_checkpointing, lean_memory, eval_every, max_length, on_long,
           seed, output, resume, overwrite):
     """Train a soft prompt; the base model stays frozen."""
+    from .artifact import check_model_tokenizer
     from .config import load_recipe, override
-    from .data import load_splits
+    from .data import check_splits, load_splits
     from .methods import learning_rate_for
     from .models import load_model
     from .train import train as run_training
@@ -134,7 +152,10 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
                    train__gradient_checkpointing=gradient_checkpointing, train__lean_memory=lean_memory,
                    data__max_length=max_length, data__on_long=on_long)
     output = Path(output or f"runs/{cfg.name}-{cfg.method.name}-{cfg.quant}")
+    check_output_folder(output, "--output")
     splits = load_splits(cfg, data, eval_data)
+    check_splits(cfg, splits, data, eval_data)  # bad rows fail now, not after the model load
+    check_model_tokenizer(cfg.model)
     model, tokenizer, info = load_model(cfg.model, cfg.quant, compute_dtype, device)
     log.info("training %s on %s (%s, %s): %d training rows, %d validation rows", cfg.method.name, cfg.model,
              cfg.quant, info.device, len(splits["train"]), len(splits["validation"]))
@@ -154,6 +175,8 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
               help="Score the base model with the recipe's hand-written instruction instead of a soft prompt.")
 @click.option("--model", "model_name", type=str, default=None, help="Base model [default: the artifact's/recipe's].")
 @click.option("--recipe", type=str, default=None, help="Recipe name or YAML file (with --baseline).")
+@click.option("--config", type=click.Path(dir_okay=False), default=None,
+              help="A recipe YAML file instead of --recipe (with --baseline), as for `qprompt train`.")
 @model_options
 @click.option("--shots", type=click.IntRange(0), default=0, show_default=True,
               help="With --baseline: K demonstrations from the training rows before each input (k-shot).")
@@ -163,33 +186,42 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Rows per forward pass.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the metrics and predictions to this JSON file.")
-def eval_command(artifact, data, baseline, model_name, recipe, quant, compute_dtype, device, shots, train_data,
-                 limit, batch_size, json_out):
+def eval_command(artifact, data, baseline, model_name, recipe, config, quant, compute_dtype, device, shots,
+                 train_data, limit, batch_size, json_out):
     """Score a soft prompt (ARTIFACT) or the hard-prompt baseline on labelled rows."""
-    from .artifact import load_artifact, read_manifest, recipe_of
+    from .artifact import check_model_tokenizer, load_artifact, read_manifest, recipe_of
     from .config import load_recipe
-    from .data import demonstrations, load_splits, read_rows
+    from .data import check_recipe_rows, demonstrations, load_splits, read_rows
     from .evaluate import evaluate
     from .models import load_model
 
     quiet_libraries()
+    check_output_file(json_out, "--json")
     if artifact and (Path(artifact) / "qprompt-export.json").is_file():
-        if baseline or model_name or quant:
-            raise QPromptError("an export folder carries its own model and prompt: drop --baseline/--model/--quant")
+        if baseline or model_name or quant or recipe or config:
+            raise QPromptError("an export folder carries its own model, prompt and recipe: drop "
+                               "--baseline/--model/--quant/--recipe/--config")
         return _eval_export(artifact, data, limit, batch_size, json_out)
     if (artifact is None) == (baseline is None):
         raise QPromptError("pass an ARTIFACT folder to score a soft prompt, or --baseline hard-prompt --recipe NAME")
     if shots and not baseline:
         raise QPromptError("--shots applies to the hard-prompt baseline: add --baseline hard-prompt")
-    # Read every input before loading a model, so a bad file fails in a second, not after a load.
-    cfg = load_recipe(recipe or "sentiment") if baseline else recipe_of(read_manifest(artifact))
+    if (recipe or config) and not baseline:
+        raise QPromptError("an artifact carries its own recipe: drop --recipe/--config (they apply to --baseline)")
+    if recipe and config:
+        raise QPromptError("pass either --recipe or --config, not both")
+    # Read and check every input before loading a model, so a bad file fails in a second, not after a load.
+    cfg = load_recipe(config or recipe or "sentiment") if baseline else recipe_of(read_manifest(artifact))
     rows = read_rows(data) if data else load_splits(cfg)["test"]
     rows = rows[:limit] if limit else rows
+    check_recipe_rows(cfg, rows, data or f"{cfg.name} test split")
     demos = None
     if shots:
         pool = read_rows(train_data) if train_data else load_splits(cfg)["train"]
         demos = demonstrations(pool, shots, label_field=cfg.data.label_field)
+        check_recipe_rows(cfg, demos, f"{train_data or cfg.name + ' training split'} (--shots demonstrations)")
     if baseline:
+        check_model_tokenizer(model_name or cfg.model)
         model, tokenizer, _ = load_model(model_name or cfg.model, quant or cfg.quant, compute_dtype, device)
         what = f"hard-prompt {shots}-shot baseline ({model_name or cfg.model}, {quant or cfg.quant})"
     else:
@@ -207,33 +239,26 @@ def _eval_export(folder, data, limit, batch_size, json_out):
     """`qprompt eval EXPORT_DIR`: the same report, computed by ONNX Runtime."""
     import time
 
-    from .data import read_rows
+    from .config import template_fields
+    from .data import check_rows, read_rows
     from .metrics import classification_metrics, rouge_l
-    from .runtime import Sampling
+    from .runtime import Sampling, read_export_manifest
 
     if data is None:
         raise QPromptError("scoring an export needs --data FILE with the recipe's fields and labels")
-    model = _open_export(folder)
+    m = read_export_manifest(folder)
     rows = read_rows(data)[:limit]
-    m = model.manifest
-    label_field = m["label_field"]
+    labels = m["label_targets"] if m["task"] == "classification" else ()
+    check_rows(rows, data, template_fields(m["template"]["prompt"]), m["label_field"], labels)
+    model = _open_export(folder)
+    refs = [str(r[m["label_field"]]) for r in rows]
     start = time.perf_counter()
-    missing = next((i for i, r in enumerate(rows, 1) if label_field not in r), None)
-    if missing:
-        raise QPromptError(f"{data}: row {missing} has no field {label_field!r}; fix the data")
-    refs = [str(r[label_field]) for r in rows]
-    try:
-        if m["task"] == "classification":
-            unknown = next((x for x in refs if x not in m["label_targets"]), None)
-            if unknown is not None:
-                raise QPromptError(f"{data}: label {unknown!r} is not one of {', '.join(m['label_targets'])}")
-            preds = model.classify(rows, batch_size=batch_size)
-            metrics = classification_metrics(preds, refs, list(m["label_targets"]))
-        else:
-            preds = model.generate(rows, Sampling(max_new_tokens=64))
-            metrics = {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
-    except ExportError as exc:
-        raise QPromptError(str(exc)) from exc
+    if m["task"] == "classification":
+        preds = model.classify(rows, batch_size=batch_size)
+        metrics = classification_metrics(preds, refs, list(m["label_targets"]))
+    else:
+        preds = model.generate(rows, Sampling(max_new_tokens=64))
+        metrics = {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     what = f"export {folder} ({m['quantization']})"
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
@@ -245,10 +270,7 @@ def _eval_export(folder, data, limit, batch_size, json_out):
 def _open_export(folder, model_file=None, providers=None):
     from .runtime import ExportedModel
 
-    try:
-        return ExportedModel(folder, model_file, providers)
-    except ExportError as exc:
-        raise QPromptError(str(exc)) from exc
+    return ExportedModel(folder, model_file, providers)  # its ExportError is one `error:` line too
 
 
 @main.command("export")
@@ -284,12 +306,15 @@ def export_command(artifact, output, quantize, opset, parity_tokens, overwrite):
 @click.option("--prompt", type=str, default=None, help="One input (the recipe's template is applied).")
 @click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None,
               help="A .jsonl/.csv of rows with the template's fields, run as batches.")
-@click.option("--raw", is_flag=True, help="Use --prompt as the full text, without the template.")
+@click.option("--raw", is_flag=True,
+              help="Generate from --prompt as the full text, without the template (not with --input or --classify).")
 @click.option("--classify", is_flag=True, help="Print the most likely label instead of generating.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 switches it off.")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Sample from the most likely tokens whose probabilities sum to P; the most likely token is "
+                   "always kept, so 0 is greedy.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop a row's output at this string (repeatable).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
@@ -297,29 +322,30 @@ def export_command(artifact, output, quantize, opset, parity_tokens, overwrite):
 def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, temperature, top_k, top_p, seed,
                 stop, batch_size, model_file):
     """Run an exported graph with ONNX Runtime (CUDA when onnxruntime-gpu is installed, else CPU)."""
-    from .runtime import ExportError, Sampling
+    from .runtime import Sampling
 
     if (prompt is None) == (input_file is None):
         raise QPromptError("pass --prompt TEXT or --input FILE")
+    if raw and (input_file or classify):
+        # Rows of a file have fields, not one text; labels are scored after the template's prompt.
+        raise QPromptError("--raw takes the text of --prompt as it is; it does not apply to --input or --classify: "
+                           "drop --raw (the template is applied)")
+    if raw and not prompt:
+        raise QPromptError("--prompt is empty: with --raw give some text to continue")
     model = _open_export(export_dir, model_file)
     if input_file:
-        from .data import read_rows
+        from .data import check_rows, read_rows
 
         inputs = read_rows(input_file)
+        check_rows(inputs, input_file, model.fields)
     else:
         inputs = [prompt]
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
-    try:
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            if classify:
-                outputs = model.classify(chunk)
-            else:
-                outputs = model.generate(chunk, sampling, raw=raw)
-            for out in outputs:
-                click.echo(json.dumps(out) if input_file else out)
-    except ExportError as exc:
-        raise QPromptError(str(exc)) from exc
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        outputs = model.classify(chunk) if classify else model.generate(chunk, sampling, raw=raw)
+        for out in outputs:
+            click.echo(json.dumps(out) if input_file else out)
 
 
 @main.command()
@@ -336,6 +362,8 @@ def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device
     from .methods import virtual_tokens
 
     quiet_libraries()
+    if raw and not prompt:
+        raise QPromptError("--prompt is empty: with --raw give some text to continue")
     model, tokenizer, cfg, _ = load_artifact(artifact, None, quant, compute_dtype, device)
     encoder = Encoder(cfg, tokenizer, virtual_tokens(model))
     fields = template_fields(cfg.template.prompt)

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import string
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -133,13 +135,39 @@ class RecipeConfig:
             raise QPromptError(f"recipe {self.name}: method.init=labels needs a classification recipe's labels")
         if self.method.init == "text" and not (self.method.init_text or self.template.instruction):
             raise QPromptError(f"recipe {self.name}: method.init=text needs method.init_text or template.instruction")
-        if self.method.virtual_tokens < 1:
-            raise QPromptError(f"recipe {self.name}: method.virtual_tokens must be at least 1")
+        self._check_ranges()
+        for label, words in self.labels.items():
+            if not isinstance(label, str) or not isinstance(words, str):
+                raise QPromptError(f"recipe {self.name}: labels {label!r}: {words!r} must be text on both sides; "
+                                   "quote them in the YAML (yes, no, true and numbers are not text there)")
         if set(template_fields(self.template.target)) != {"label"}:
             raise QPromptError(f"recipe {self.name}: template.target must contain {{label}} and no other field "
                                f"(got {self.template.target!r}); {{label}} stands for the verbalized label or the "
                                "target text of data.label_field")
         return self
+
+
+    def _check_ranges(self) -> None:
+        for key, low, high in _RANGES:
+            section, _, name = key.rpartition(".")
+            value = getattr(getattr(self, section) if section else self, name)
+            too_low = value <= 0 if low == "positive" else value < low
+            if too_low or (high is not None and value > high):
+                bound = ("more than 0" if low == "positive" else f"at least {low}" if high is None
+                         else f"between {low} and {high}")
+                raise QPromptError(f"recipe {self.name}: {key} must be {bound} (got {value}); fix the config "
+                                   "or the option")
+
+
+# (field, lowest or "positive", highest or None): values the training loop cannot work with.
+_RANGES = [
+    ("method.virtual_tokens", 1, None), ("method.encoder_hidden_size", 0, None), ("data.validation_rows", 0, None),
+    ("data.test_rows", 0, None), ("data.max_length", 8, None), ("train.max_steps", 1, None),
+    ("train.batch_size", 1, None), ("train.grad_accum", 1, None), ("train.lr", "positive", None),
+    ("train.weight_decay", 0, None), ("train.warmup_steps", 0, None), ("train.min_lr_ratio", 0, 1),
+    ("train.max_grad_norm", 0, None), ("train.eval_every", 0, None), ("train.eval_rows", 0, None),
+    ("train.log_every", 1, None),
+]
 
 
 def template_fields(template: str) -> list[str]:
@@ -150,17 +178,47 @@ def template_fields(template: str) -> list[str]:
 def from_dict(cls, data: dict, where: str):
     """Build dataclass `cls` from a dict, naming any unknown or mistyped key."""
     if not isinstance(data, dict):
-        raise QPromptError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise QPromptError(f"{where}: expected a mapping of keys to values, got {_shown(data)}; fix the config")
     known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in known:
             raise QPromptError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
         sub = _nested.get((cls.__name__, key))
+        if sub is not None and value is None and sub is hints[key]:
+            continue  # a section with every line commented out: its defaults
         if sub is not None and value is not None:
             value = from_dict(sub, value, f"{where}.{key}")
+        else:
+            value = _checked(value, hints[key], f"{where}: key {key!r}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# YAML names for the types a config value may have.
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping",
+               list: "a list"}
+
+
+def _checked(value: Any, hint: Any, what: str) -> Any:
+    """`value` if it has type `hint` (an int counts as a float, a bool never as a number), else an error."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None and type(None) in options:
+        return value
+    for t in options:
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    expected = " or ".join(_TYPE_NAMES.get(t, "a mapping") for t in options if t is not type(None))
+    raise QPromptError(f"{what} must be {expected}, got {_shown(value)}; fix the config")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else f"{text} ({type(value).__name__})"
 
 
 _nested = {
@@ -174,10 +232,14 @@ _nested = {
 
 def load_recipe_file(path: str | Path) -> RecipeConfig:
     path = Path(path)
+    if path.is_dir():
+        raise QPromptError(f"config {path} is a folder; pass a recipe YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise QPromptError(f"config file {path} does not exist; check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise QPromptError(f"config file {path} is not UTF-8 text; save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,43 +28,91 @@ log = logging.getLogger("qprompt")
 
 
 # ----------------------------------------------------------------------------------------- reading
+class Row(dict):
+    """A data row that remembers where it came from, so errors name the file's line, not a shuffled index.
+
+    `line` is an attribute, not a field: templates, JSON output and the manifest's samples never see it."""
+
+    line: int | None = None
+
+
+def _row(fields: dict, line: int | None) -> Row:
+    row = Row(fields)
+    row.line = line
+    return row
+
+
+def row_place(row: dict, index: int) -> str:
+    """'line N' of the row's file when it is known, else its position in the list being checked."""
+    line = getattr(row, "line", None)
+    return f"line {line}" if line else f"row {index}"
+
+
 def read_rows(path: str) -> list[dict]:
     """Rows of a .jsonl/.json, .csv or .tsv file, or of a hub dataset written `hf:NAME[:SPLIT]`."""
     if path.startswith("hf:"):
         return _hub_rows(path[3:])
     p = Path(path)
+    if p.is_dir():
+        raise QPromptError(f"data path {path} is a folder, not a file; pass a .jsonl, .csv or .tsv file")
     if not p.is_file():
         raise QPromptError(f"data file {path} does not exist; check the path (or use hf:NAME for a hub dataset)")
-    text = p.read_bytes().decode("utf-8", errors="replace")
-    rows = parse_rows(text, p.name, path)
+    rows = parse_rows(decode_utf8(p.read_bytes(), path), p.name, path)
     if not rows:
         raise QPromptError(f"data file {path} is empty; it needs at least one row")
     return rows
 
 
+def decode_utf8(raw: bytes, where: str) -> str:
+    """The file's text; a byte that is not UTF-8 stops with its line (silent replacement would corrupt rows)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise QPromptError(f"{where}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                           "save the file as UTF-8") from exc
+
+
 def parse_rows(text: str, name: str, where: str) -> list[dict]:
     name = name.removesuffix(".bz2").removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
-        rows = []
-        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which are not line ends here.
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QPromptError(f"{where}: line {n} is not valid JSON ({exc.msg}); fix or remove that line") from exc
-            if not isinstance(row, dict):
-                raise QPromptError(f"{where}: line {n} is not a JSON object; each line must be {{\"field\": ...}}")
-            rows.append(row)
-        return rows
+        return _json_rows(text, where)
     if name.endswith((".csv", ".tsv")):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ",")
-        try:
-            return [dict(r) for r in reader]
-        except csv.Error as exc:
-            raise QPromptError(f"{where}: malformed CSV at line {reader.line_num} ({exc}); fix that line") from exc
+        return _csv_rows(text, "\t" if name.endswith(".tsv") else ",", where)
     raise QPromptError(f"{where}: unknown data format; use .jsonl, .csv or .tsv")
+
+
+def _json_rows(text: str, where: str) -> list[dict]:
+    rows = []
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which are not line ends here.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QPromptError(f"{where}: line {n} is not valid JSON ({exc.msg}); fix or remove that line") from exc
+        if not isinstance(row, dict):
+            raise QPromptError(f"{where}: line {n} is not a JSON object; each line must be {{\"field\": ...}}")
+        rows.append(_row(row, n))
+    return rows
+
+
+def _csv_rows(text: str, delimiter: str, where: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    rows = []
+    try:
+        for r in reader:
+            # DictReader files surplus cells under None and fills missing ones with None: both are a shifted row.
+            if None in r or None in r.values():
+                cells = len(reader.fieldnames) + len(r.get(None, [])) - sum(v is None for v in r.values())
+                raise QPromptError(f"{where}: line {reader.line_num} has {cells} cell{'s' * (cells != 1)} but the "
+                                   f"header has {len(reader.fieldnames)}; quote cells that hold the separator, or "
+                                   "fix that line")
+            rows.append(_row(r, reader.line_num))
+    except csv.Error as exc:
+        raise QPromptError(f"{where}: malformed CSV at line {reader.line_num} ({exc}); fix that line") from exc
+    return rows
 
 
 def _hub_rows(spec: str) -> list[dict]:
@@ -84,6 +133,7 @@ def source_rows(source: SourceConfig) -> list[dict]:
     rows = []
     for member in [source.member] if isinstance(source.member, str) else source.member:
         raw = read_member(archive, member)
+        # Package data is not ours to fix: undecodable bytes are replaced rather than refused.
         rows += parse_rows(raw.decode("utf-8", errors="replace"), member, f"{source.pypi}:{member}")
     for new, path in source.select.items():
         for r in rows:
@@ -97,7 +147,7 @@ def source_rows(source: SourceConfig) -> list[dict]:
     for fieldname, mapping in source.values.items():
         for r in rows:
             r[fieldname] = mapping.get(r.get(fieldname), r.get(fieldname))
-    return [{k: v.strip() if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    return [_row({k: v.strip() if isinstance(v, str) else v for k, v in r.items()}, r.line) for r in rows]
 
 
 def _dig(row: dict, path: str):
@@ -154,6 +204,43 @@ def load_splits(recipe: RecipeConfig, data: str | None = None, eval_data: str | 
     return splits
 
 
+# ---------------------------------------------------------------------------------------- checking
+def check_rows(rows: list[dict], where: str, fields: list[str], label_field: str | None = None,
+               labels: Iterable[str] = ()) -> None:
+    """Fail on the first row that lacks one of `fields` (or the label field), or has a label not in `labels`.
+
+    Needs no tokenizer, so the CLI runs it before the slow model load."""
+    need = list(fields) + ([label_field] if label_field else [])
+    labels = list(labels)
+    for n, row in enumerate(rows, 1):
+        for f in need:
+            if f not in row:
+                raise QPromptError(f"{where}: {row_place(row, n)} has no field {f!r} (fields: "
+                                   f"{', '.join(map(str, row)) or 'none'}); fix the data or the recipe's "
+                                   "template/label_field")
+            if row[f] is None or row[f] == "":
+                raise QPromptError(f"{where}: {row_place(row, n)} has field {f!r} but it is empty; "
+                                   "fill it in or remove the row")
+        if labels and str(row[label_field]) not in labels:
+            raise QPromptError(f"{where}: {row_place(row, n)} has label {str(row[label_field])!r}, not one of "
+                               f"{', '.join(labels)}; fix the row or add the label to the recipe's labels")
+
+
+def check_recipe_rows(recipe: RecipeConfig, rows: list[dict], where: str) -> None:
+    """check_rows with the recipe's template fields, label field and (classification) labels."""
+    labels = recipe.labels if recipe.task == "classification" else ()
+    check_rows(rows, where, template_fields(recipe.template.prompt), recipe.data.label_field, labels)
+
+
+def check_splits(recipe: RecipeConfig, splits: dict[str, list[dict]], data: str | None = None,
+                 eval_data: str | None = None) -> None:
+    """Check the rows training will read (all training rows; the validation rows it scores and samples)."""
+    source = data or f"recipe {recipe.name}'s source data"
+    check_recipe_rows(recipe, splits["train"], source)
+    scored = recipe.train.eval_rows and max(recipe.train.eval_rows, 4)  # train stores 4 rows as samples
+    check_recipe_rows(recipe, splits["validation"][: scored or None], eval_data or source)
+
+
 # ---------------------------------------------------------------------------------------- encoding
 @dataclass
 class Example:
@@ -204,20 +291,7 @@ class Encoder:
 
     def check_rows(self, rows: list[dict], where: str) -> None:
         """Fail on the first row that lacks a field or carries an unknown label."""
-        need = list(self.fields) + [self.recipe.data.label_field]
-        for n, row in enumerate(rows, 1):
-            for f in need:
-                if row.get(f) in (None, ""):
-                    raise QPromptError(
-                        f"{where}: row {n} has no field {f!r} (fields: {', '.join(row) or 'none'}); "
-                        "fix the data or the recipe's template/label_field"
-                    )
-            label = str(row[self.recipe.data.label_field])
-            if self.label_ids and label not in self.label_ids:
-                raise QPromptError(
-                    f"{where}: row {n} has label {label!r}, not one of {', '.join(self.label_ids)}; "
-                    "fix the row or add the label to the recipe's labels"
-                )
+        check_recipe_rows(self.recipe, rows, where)
 
     def prompt_ids(self, row: dict, hard_prompt: bool = False, reserve: int = 0) -> list[int]:
         """Token ids of the templated prompt, truncated to leave `reserve` tokens for the target."""

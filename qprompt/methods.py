@@ -123,9 +123,11 @@ def init_prefix_from_tokens(model: PeftModel, token_ids: list[int]) -> None:
 
 def load_soft_prompt(model, folder: str | Path) -> PeftModel:
     """A saved soft prompt on `model`, for inference."""
+    from safetensors import SafetensorError
+
     try:
         return PeftModel.from_pretrained(model, str(folder))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file, for direct callers
         raise QPromptError(f"could not load the soft prompt in {folder} ({str(exc).splitlines()[0]})") from exc
 
 

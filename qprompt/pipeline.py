@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .artifact import MANIFEST, load_artifact, read_manifest
+from .artifact import MANIFEST, check_model_tokenizer, load_artifact, read_manifest
 from .config import RecipeConfig
-from .data import load_splits, read_rows
+from .data import check_recipe_rows, check_splits, load_splits, read_rows
 from .evaluate import evaluate, main_metric
 from .methods import learning_rate_for
 from .models import load_model
@@ -30,14 +30,17 @@ def train_and_compare(recipe: RecipeConfig, output: str | Path, data: str | None
     output = Path(output)
     splits = load_splits(recipe, data, eval_data)
     if test_data:
-        test = read_rows(test_data)
+        test, where = read_rows(test_data), test_data
     elif "test" in splits:
-        test = splits["test"]
+        test, where = splits["test"], f"{recipe.name} test rows"
     else:  # user files without a test file: score on the validation rows, and say so
         log.warning("no test rows given (--test-data): reporting on the validation rows")
-        test = splits["validation"]
+        test, where = splits["validation"], eval_data or data  # the file the rows' line numbers refer to
     test = test[:test_limit] if test_limit else test
-    where = test_data or f"{recipe.name} test rows"
+    # Every row and the tokenizer file are checked now: a bad one fails in a second, not after the model load.
+    check_splits(recipe, splits, data, eval_data)
+    check_recipe_rows(recipe, test, where)
+    check_model_tokenizer(recipe.model)
 
     model, tokenizer, info = load_model(recipe.model, recipe.quant, compute_dtype, device)
     log.info("hard-prompt baseline on %d test rows", len(test))
@@ -77,7 +80,7 @@ def recipe_command(config_path: Path):
 
     import click
 
-    from .cli import QPromptCommand, model_options, quiet_libraries
+    from .cli import QPromptCommand, check_output_file, check_output_folder, model_options, quiet_libraries
     from .config import load_recipe_file, override
 
     @click.command(cls=QPromptCommand, help=f"Train the {config_path.stem} soft prompt and compare it with the "
@@ -101,6 +104,8 @@ def recipe_command(config_path: Path):
     def main(model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
              virtual_tokens, lr, output, resume, overwrite, json_out):
         quiet_libraries()
+        check_output_file(json_out, "--json")
+        check_output_folder(output, "--output")
         recipe = load_recipe_file(config_path)
         recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
                           method__virtual_tokens=virtual_tokens, train__lr=learning_rate_for(method, recipe, lr))

@@ -34,7 +34,10 @@ class ExportError(Exception):
 
 @dataclass
 class Sampling:
-    """Decoding settings: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """Decoding settings: temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+
+    top_p keeps the most likely tokens whose probabilities sum to top_p, and always the most likely one:
+    top_p 0 keeps only that token (greedy, whatever the temperature)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -56,17 +59,51 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in found]
 
 
+# The keys ExportedModel and `qprompt eval EXPORT` read from qprompt-export.json.
+EXPORT_KEYS = ("model_file", "task", "template", "template.prompt", "label_field", "label_targets", "num_layers",
+               "num_kv_heads", "head_dim", "max_positions", "pad_token_id", "eos_token_ids", "quantization")
+
+
+def read_json_object(path: Path, format: str, required: tuple[str, ...], fix: str) -> dict:
+    """A manifest qprompt wrote: UTF-8 JSON, an object, of `format`, with every `required` key (dotted for
+    nested ones). Each problem is an ExportError naming it and `fix`."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ExportError(f"{path} is not UTF-8 text, so not a file qprompt wrote; {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != format:
+        raise ExportError(f"{path} is not a {format} manifest; {fix}")
+    for key in required:
+        value = data
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ExportError(f"{path} lacks the key {key!r}; {fix}")
+            value = value[part]
+    return data
+
+
+def tokenizer_problem(path: Path) -> str | None:
+    """Why tokenizer.json at `path` cannot be loaded, or None when it loads."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return None
+
+
 def read_export_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / EXPORT_MANIFEST
     if not path.is_file():
         raise ExportError(f"{folder} has no {EXPORT_MANIFEST}, so it is not a qprompt export; run `qprompt export`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path} is not valid JSON (line {exc.lineno}); export again") from exc
-    if data.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{path} is not a {EXPORT_FORMAT} manifest; export again with this qprompt")
+    fix = "export again with this qprompt"
+    data = read_json_object(path, EXPORT_FORMAT, EXPORT_KEYS, fix)
+    if not isinstance(data["label_targets"], dict) or not isinstance(data["template"]["prompt"], str):
+        raise ExportError(f"{path}: 'label_targets' must be an object and 'template.prompt' text; {fix}")
     return data
 
 
@@ -78,7 +115,7 @@ class ExportedModel:
 
         self.folder = Path(folder)
         self.manifest = m = read_export_manifest(folder)
-        path = self.folder / (model_file or m["model_file"])
+        self.model_path = path = self.folder / (model_file or m["model_file"])
         for needed in (path, self.folder / "tokenizer.json"):
             if not needed.is_file():
                 raise ExportError(f"export folder {folder} lacks {needed.name}; export again")
@@ -88,14 +125,19 @@ class ExportedModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
         except Exception as exc:  # onnxruntime raises its own types for corrupt files
-            raise ExportError(f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]})") from exc
+            raise ExportError(f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]}); the file is "
+                              "damaged or not an ONNX graph: export again") from exc
         names = {i.name for i in self.session.get_inputs()}
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(m["num_layers"]) for kind in ("key", "value")]
         missing = {"input_ids", "attention_mask", *self.past_names} - names
         if missing:
             raise ExportError(f"{path} does not match {EXPORT_MANIFEST} (missing inputs {sorted(missing)[:3]}); "
                               "export again")
-        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+            raise ExportError(f"{self.folder / 'tokenizer.json'} is damaged ({str(exc).splitlines()[0][:200]}); "
+                              "export again") from exc
         self.pad_id = m["pad_token_id"]
         self.eos_ids = set(m["eos_token_ids"])
         self.fields = [f for _, f, _, _ in string.Formatter().parse(m["template"]["prompt"]) if f]
@@ -134,10 +176,17 @@ class ExportedModel:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]):
         """One graph call: logits (B, L, V) and the updated cache (real tokens only)."""
-        outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **past})
+        try:
+            outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **past})
+        except Exception as exc:  # onnxruntime's own error types: a graph or manifest that does not fit
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportError(f"onnxruntime could not run {self.model_path.name} in {self.folder} ({first}); the "
+                              f"graph and {EXPORT_MANIFEST} do not match or a file is damaged: export again") from exc
         return outputs[0], dict(zip(self.past_names, outputs[1:]))
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        if not all(seqs):
+            raise ExportError("an input has no tokens (empty text): give some text to continue")
         limit = self.manifest["max_positions"]
         if max(len(s) for s in seqs) > limit:
             raise ExportError(f"an input has {max(len(s) for s in seqs)} tokens; this export takes at most {limit}")
@@ -236,6 +285,7 @@ def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if s.top_p < 1.0:
         order = np.argsort(-probs)
         keep = np.cumsum(probs[order]) - probs[order] < s.top_p  # smallest set reaching top_p
+        keep[0] = True  # the most likely token is always a candidate, so top_p 0 is greedy, not NaN
         mask = np.zeros_like(probs, dtype=bool)
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)

@@ -73,7 +73,7 @@ def test_bad_input_gives_one_line_errors(artifact, tiny_model_dir, sentiment_fil
     assert_clean_error(run(*train, "--data", bad), "line 2 is not valid JSON")
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "x", "label": "positive"}, {"text": "y", "label": "meh"}])
     assert_clean_error(run(*train, "--data", wrong, "--eval-data", wrong, "--output", tmp_path / "o"),
-                       "row 2 has label 'meh'")
+                       "line 2 has label 'meh'")
     assert_clean_error(run("train", "--recipe", "nope"), "unknown recipe 'nope'")
     assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", artifact), "already holds")
     assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", tmp_path / "new", "--resume"),
