@@ -189,6 +189,12 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
 def eval_command(artifact, data, baseline, model_name, recipe, config, quant, compute_dtype, device, shots,
                  train_data, limit, batch_size, json_out):
     """Score a soft prompt (ARTIFACT) or the hard-prompt baseline on labelled rows."""
+    check_output_file(json_out, "--json")
+    if artifact and (Path(artifact) / "qprompt-export.json").is_file():
+        if baseline or model_name or quant or recipe or config:
+            raise QPromptError("an export folder carries its own model, prompt and recipe: drop "
+                               "--baseline/--model/--quant/--recipe/--config")
+        return _eval_export(artifact, data, limit, batch_size, json_out)  # ONNX Runtime only: torch is not imported
     from .artifact import check_model_tokenizer, load_artifact, read_manifest, recipe_of
     from .config import load_recipe
     from .data import check_recipe_rows, demonstrations, load_splits, read_rows
@@ -196,12 +202,6 @@ def eval_command(artifact, data, baseline, model_name, recipe, config, quant, co
     from .models import load_model
 
     quiet_libraries()
-    check_output_file(json_out, "--json")
-    if artifact and (Path(artifact) / "qprompt-export.json").is_file():
-        if baseline or model_name or quant or recipe or config:
-            raise QPromptError("an export folder carries its own model, prompt and recipe: drop "
-                               "--baseline/--model/--quant/--recipe/--config")
-        return _eval_export(artifact, data, limit, batch_size, json_out)
     if (artifact is None) == (baseline is None):
         raise QPromptError("pass an ARTIFACT folder to score a soft prompt, or --baseline hard-prompt --recipe NAME")
     if shots and not baseline:

@@ -17,12 +17,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import DataConfig, RecipeConfig, SourceConfig, template_fields
 from .errors import QPromptError
 from .sources import fetch_package, read_member
+
+if TYPE_CHECKING:  # imported in collate(): `qprompt run` reads rows through this module without torch
+    import torch
 
 log = logging.getLogger("qprompt")
 
@@ -352,6 +354,8 @@ def collate(examples: list[Example], pad_id: int, with_target: bool = True,
     """
     seqs = [e.prompt_ids + (e.target_ids if with_target else []) for e in examples]
     width = max(len(s) for s in seqs)
+    import torch
+
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)

