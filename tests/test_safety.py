@@ -137,3 +137,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_run_from_before_the_record_is_still_recognised_and_replaced(run_dir, tiny_recipe, sentiment_files,
+                                                                       tmp_path):
+    import shutil
+
+    out = tmp_path / "old-run"
+    shutil.copytree(run_dir, out)
+    (out / RECORD).unlink()
+    with pytest.raises(QPromptError, match="already holds a training run"):
+        _train(tiny_recipe, sentiment_files, out)
+    _train(tiny_recipe, sentiment_files, out, overwrite=True)
+    assert (out / "README.md").read_text() == "my notes on this run\n"
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == tiny_recipe.train.max_steps
+
+
+def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
+    from qprompt.train import drop_lines_after
+
+    lines = ['{"step": 1, "loss": 0.5}', '{"step": 2, "eval": 0.7}', '{"step": 3, "loss": 0.4}', '{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    drop_lines_after(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert not (tmp_path / "metrics.jsonl.partial").exists()
