@@ -14,10 +14,13 @@ is exact), and a request never pays a prefill for the virtual tokens.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from . import __version__
+from . import __version__, owned
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
 from .methods import is_prefix, virtual_tokens
@@ -282,10 +285,7 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
     output = Path(output)
     if quantize not in QUANTIZATIONS:
         raise QPromptError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
-    if (output / EXPORT_MANIFEST).exists() and not overwrite:
-        raise QPromptError(f"{output} already holds an export; pass --overwrite or choose another --output")
-    if output.exists() and any(output.iterdir()) and not (output / EXPORT_MANIFEST).exists():
-        raise QPromptError(f"{output} exists and is not an export folder; choose an empty or new --output")
+    check_export_output(output, artifact, overwrite)
     start = time.perf_counter()
     # bitsandbytes layers cannot be exported: export from float32 weights, either the full-precision base
     # or, for nf4/fp4, the bitsandbytes-quantized base dequantized (the exact weights it computes with).
@@ -306,9 +306,11 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
         base.dequantize()  # swaps each Linear4bit for a float32 Linear holding the same values
     module = MergedPromptDecoder(base, constant_prefix(model)).eval()
 
-    tmp = output.with_name(output.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh, uniquely named folder beside the output (nothing of the user's shares its name), made with
+    # mkdir so it gets the usual permissions, not mkdtemp's owner-only ones: the folder is meant to be shipped.
+    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         fp32 = tmp / "model.onnx"
         log.info("exporting %s to ONNX (opset %d)", manifest["base"]["name"], opset)
@@ -329,7 +331,9 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
         eos = tokenizer.eos_token_id
         data = {
             "format": EXPORT_FORMAT, "qprompt_version": __version__, "model_file": "model.onnx",
-            "source": {"artifact": str(artifact) if artifact else None, "base": manifest["base"],
+            # Shipped with the graph: names that identify the source, never paths on the trainer's disk.
+            "source": {"artifact": Path(artifact).resolve().name if artifact else None,
+                       "base": portable_base(manifest["base"]),
                        "method": manifest["method"], "virtual_tokens": manifest["virtual_tokens"]},
             "task": recipe.task if recipe else "generation",
             "template": template, "chat_wrap": chat_wrap, "label_field": recipe.data.label_field if recipe else "label",
@@ -371,10 +375,64 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
             data["model_file"], data["quantization"] = name, quantize
         data["seconds"] = round(time.perf_counter() - start, 1)
         write_json(tmp / EXPORT_MANIFEST, data)
+        install_export(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted export leaves nothing behind
         raise
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
     return data
+
+
+def check_export_output(output: Path, artifact: str | Path | None, overwrite: bool) -> None:
+    """Refuse an --output that holds more than an export (cwd, the artifact, a folder above either), or an
+    earlier export without --overwrite; checked before any work is done."""
+    out, cwd = output.resolve(), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise QPromptError(f"--output {output} is the current folder or one above it; export into a folder of its "
+                           "own, e.g. --output export")
+    if artifact is not None:
+        art = Path(artifact).resolve()
+        if out == art or out in art.parents:
+            raise QPromptError(f"--output {output} is the artifact folder or one above it; export into a folder "
+                               f"of its own, e.g. --output {art.name}-export")
+    is_export = (output / EXPORT_MANIFEST).exists() or owned.has_record(output)
+    if is_export and not overwrite:
+        raise QPromptError(f"{output} already holds an export; pass --overwrite or choose another --output")
+    if output.exists() and any(output.iterdir()) and not is_export:
+        raise QPromptError(f"{output} exists and is not an export folder; choose an empty or new --output")
+
+
+def portable_base(base: dict) -> dict:
+    """The base model's identity without where it lay on this machine: a local folder is named, not located."""
+    kept = {k: v for k, v in base.items() if k != "path"}
+    name = str(kept.get("name", ""))
+    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name):
+        kept["name"] = Path(name).name
+    return kept
+
+
+def _earlier_export(output: Path, names: set[str]) -> set[str]:
+    """The names an earlier export in `output` wrote: its record, or (written before records) its manifest's
+    files plus the names this export writes, all of which the old all-in-one export wrote too."""
+    if owned.has_record(output):
+        return owned.owned(output)
+    files = {EXPORT_MANIFEST, *names}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        old = json.loads((output / EXPORT_MANIFEST).read_text())
+        files |= {f for name in old.get("files", {}) for f in (name, name + ".data")}
+    return {f for f in files if "/" not in f}
+
+
+def install_export(tmp: Path, output: Path) -> None:
+    """Move the finished export from `tmp` into `output`, replacing only files an earlier export wrote."""
+    names = {p.name for p in tmp.iterdir()}
+    if not output.exists():
+        owned.claim(tmp, *names)
+        os.replace(tmp, output)  # one rename: the folder appears complete or not at all
+        return
+    mine = _earlier_export(output, names)
+    owned.refuse_foreign(output, names, mine, "move it away or choose another --output")
+    owned.claim(output, *names)
+    owned.remove(output, mine - names - {owned.RECORD})  # e.g. an earlier export's other quantized graph
+    for name in sorted(names - {EXPORT_MANIFEST}) + [EXPORT_MANIFEST]:  # the manifest last
+        os.replace(tmp / name, output / name)
+    tmp.rmdir()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import owned
 from .artifact import MANIFEST, manifest, write_json
 from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
@@ -38,7 +39,12 @@ from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
 CHECKPOINT = "checkpoint"
-OWN_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST, "metrics.jsonl", "loss.png", "README.md")
+CHECKPOINTS = (CHECKPOINT, CHECKPOINT + ".partial", CHECKPOINT + ".old")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT needs; not its README.md
+METRICS = "metrics.jsonl"
+# Every name training may create in --output, temporary ones included; nothing else there is ever touched.
+RUN_NAMES = frozenset({*ADAPTER_FILES, MANIFEST, MANIFEST + ".partial", METRICS, METRICS + ".partial", "loss.png",
+                       ".best.partial", *CHECKPOINTS})
 
 
 def glibc():
@@ -76,24 +82,39 @@ def lr_lambda(cfg) -> callable:
     return f
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked; refuse --resume with nothing to resume."""
-    has_run = (output / MANIFEST).exists() or (output / CHECKPOINT).exists() or (output / "metrics.jsonl").exists()
+def run_names(output: Path) -> set[str]:
+    """The names in `output` that an earlier run wrote (per its record)."""
+    if owned.has_record(output):
+        return owned.owned(output) & RUN_NAMES
+    # A run from before the record existed: it is recognised by its manifest or a checkpoint's state.pt.
+    if not ((output / MANIFEST).is_file() or any((output / d / "state.pt").is_file() for d in CHECKPOINTS)):
+        return set()
+    found = {n for n in (*ADAPTER_FILES, MANIFEST, METRICS, "loss.png") if (output / n).is_file()}
+    return found | {d for d in CHECKPOINTS if (output / d / "state.pt").is_file()}
+
+
+def check_output(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked, or to write over a name qprompt did not write; touches nothing."""
     if resume:
         if not _checkpoint_dir(output):
             raise QPromptError(f"nothing to resume in {output}: it holds no checkpoint; run without --resume to start")
         return
-    if has_run and not overwrite:
+    mine = run_names(output)
+    if any((output / n).exists() for n in mine) and not overwrite:
         raise QPromptError(
             f"{output} already holds a training run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another --output"
         )
-    if has_run:  # --overwrite: remove only what qprompt itself wrote there
-        for name in OWN_FILES:
-            (output / name).unlink(missing_ok=True)
-        for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".partial"):
-            shutil.rmtree(output / name, ignore_errors=True)
+    owned.refuse_foreign(output, set(RUN_NAMES), mine, "move it away or choose another --output")
+
+
+def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
+    """Create `output`; with --overwrite, remove the earlier run's files (only those qprompt wrote).
+
+    Called once every check on the data has passed, so a run that fails them leaves the old one whole."""
     output.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        owned.remove(output, run_names(output))
 
 
 def _checkpoint_dir(output: Path) -> Path | None:
@@ -104,12 +125,33 @@ def _checkpoint_dir(output: Path) -> Path | None:
     return None
 
 
+def _load_state(path: Path) -> dict:
+    """A checkpoint's state.pt. weights_only: tensors and plain containers only, so loading runs no code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every random stream training reads; each is a tuple of ints or a tensor, so weights_only loads it."""
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    python = rng["python"]  # (version, tuple of ints, gauss_next): the same tuple random.getstate() gave
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save_checkpoint(model, optimizer, scheduler, state: dict, output: Path) -> None:
     partial, final, old = (output / f"{CHECKPOINT}{s}" for s in (".partial", "", ".old"))
+    owned.claim(output, *CHECKPOINTS)
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "prompt_encoder": model.prompt_encoder.state_dict(), **state}, partial / "state.pt")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -121,12 +163,28 @@ def save_checkpoint(model, optimizer, scheduler, state: dict, output: Path) -> N
 def save_best(model, output: Path) -> None:
     """Put the current prompt at the artifact's top level (file by file, each replace atomic)."""
     tmp = output / ".best.partial"
+    owned.claim(output, tmp.name, *ADAPTER_FILES)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        if f.is_file():
-            os.replace(f, output / f.name)
+    for name in ADAPTER_FILES:  # PEFT also writes a model-card README.md: the user's README stays theirs
+        os.replace(tmp / name, output / name)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def drop_lines_after(output: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past the checkpoint's step (they will be logged again), and a line a kill cut short."""
+    path = output / METRICS
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    tmp = output / (METRICS + ".partial")
+    owned.claim(output, tmp.name)
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # a kill now leaves the old log or the new one
 
 
 def plot_loss(output: Path) -> None:
@@ -153,6 +211,7 @@ def plot_loss(output: Path) -> None:
     ax.legend(loc="upper left")
     ax.set_title(output.name)
     fig.tight_layout()
+    owned.claim(output, "loss.png")
     fig.savefig(output / "loss.png", dpi=100)
     plt.close(fig)
 
@@ -161,14 +220,18 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
           resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train the recipe's soft prompt on `model`; writes the artifact to `output`, returns its manifest."""
     output = Path(output)
-    prepare_output(output, resume, overwrite)
+    check_output(output, resume, overwrite)
     cfg = recipe.train
+    # Every check on the data runs before the output folder is touched: a bad row leaves the old run whole.
+    encoder = Encoder(recipe, tokenizer, recipe.method.virtual_tokens)
+    train_examples = encoder.encode_all(splits["train"], "training data")
+    val_rows = splits["validation"][: cfg.eval_rows or None]
+    encoder.check_rows(val_rows, "validation data")
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0, "seconds": 0.0,
              "wall_seconds": 0.0, "recipe_digest": recipe.digest(), "fingerprint": info.fingerprint}
     wall_start = time.perf_counter()
     if resume:
-        ckpt = _checkpoint_dir(output)
-        saved = torch.load(ckpt / "state.pt", weights_only=False)
+        saved = _load_state(_checkpoint_dir(output) / "state.pt")
         if saved["recipe_digest"] != recipe.digest():
             raise QPromptError(f"{output} was trained with different settings; resume with the same recipe and "
                                "options (only --max-steps may change), or train into a new --output")
@@ -176,6 +239,7 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
             raise QPromptError(f"{output} was trained on another base model; resume with the same --model")
     else:
         saved = None
+    prepare_output(output, resume, overwrite)
     model = add_soft_prompt(model, recipe, info.path, cfg.seed)
     if cfg.lean_memory and model.device.type == "cpu":
         return_freed_memory_to_the_os()
@@ -186,32 +250,22 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
         # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
         model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
 
-    encoder = Encoder(recipe, tokenizer, recipe.method.virtual_tokens)
-    train_examples = encoder.encode_all(splits["train"], "training data")
-    val_rows = splits["validation"][: cfg.eval_rows or None]
-    encoder.check_rows(val_rows, "validation data")
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        random.setstate(saved["rng"]["python"])
-        torch.set_rng_state(saved["rng"]["torch"])
+        set_rng_state(saved["rng"])
         state.update({k: saved[k] for k in state})
         wall_start -= state["wall_seconds"]
         log.info("resuming at step %d of %d", state["step"], cfg.max_steps)
-        # Lines logged after the checkpoint describe steps that will be run again: drop them.
-        log_path = output / "metrics.jsonl"
-        if log_path.exists():
-            lines = [x for x in log_path.read_text().splitlines() if x.strip()]
-            kept = [x for x in lines if json.loads(x)["step"] <= state["step"]]
-            log_path.write_text("".join(line + "\n" for line in kept))
+        drop_lines_after(output, state["step"])
 
     batch_size = min(cfg.batch_size, len(train_examples))
     metric_name = main_metric(recipe)
-    metrics_file = open(output / "metrics.jsonl", "a")
+    owned.claim(output, METRICS)
+    metrics_file = open(output / METRICS, "a")
     pad = tokenizer.pad_token_id
 
     @functools.lru_cache(maxsize=2)
@@ -241,7 +295,7 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
         model.eval()
         result = evaluate(model, tokenizer, recipe, val_rows, "validation data")
         model.train()
-        value = result[metric_name]
+        value = float(result[metric_name])  # a plain float: state.pt must load with weights_only
         record = {"step": state["step"], "eval": value, "metric": metric_name, "rows": len(val_rows)}
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
@@ -325,5 +379,6 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
     fields = template_fields(recipe.template.prompt) + [recipe.data.label_field]
     samples = [{f: row[f] for f in fields} for row in splits["validation"][:4]]
     data = manifest(info, recipe, metrics, training, samples)
+    owned.claim(output, MANIFEST, MANIFEST + ".partial")
     write_json(output / MANIFEST, data)
     return data

@@ -118,7 +118,7 @@ def test_method_by_quantization_matrix(tiny_recipe, sentiment_files, tmp_path, m
     # The saved adapter is what the trained encoder produces (best step == last step here) ...
     base, _, info = load_model(tiny_recipe.model, quant)
     fresh = add_soft_prompt(base, tiny_recipe, info.path)
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     fresh.prompt_encoder.load_state_dict(state["prompt_encoder"])
     saved = load_file(out / "adapter_model.safetensors")["prompt_embeddings"]
     with torch.no_grad():

@@ -1,0 +1,143 @@
+"""kill -9 is survivable: a training process SIGKILLed between checkpoints, halfway through writing one, or
+between its two renames leaves a readable checkpoint, and `--resume` then ends on exactly the prompt of a run
+that was never interrupted (the same bits: data order, RNG, optimizer and schedule all resume exactly)."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+# Runs `qprompt train` in this process after arming one way to die; MODE "none" arms nothing.
+WRAPPER = r'''
+import io, os, signal, sys
+import torch
+import qprompt.train as qtrain
+from qprompt.cli import main
+
+mode, at = sys.argv[1], int(sys.argv[2])
+calls = {"n": 0}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def nth_call():
+    calls["n"] += 1
+    return calls["n"] == at
+
+if mode == "step":  # grad_accum is 1: the at-th micro-batch starts optimizer step `at`
+    real_logprobs = qtrain.target_logprobs
+    def logprobs(model, batch):
+        if nth_call():
+            die()
+        return real_logprobs(model, batch)
+    qtrain.target_logprobs = logprobs
+elif mode == "save":  # the at-th state.pt: half its bytes reach the disk, then the kill
+    real_save = torch.save
+    def save(obj, path, *args, **kwargs):
+        if nth_call():
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            die()
+        return real_save(obj, path, *args, **kwargs)
+    torch.save = save
+elif mode == "rename":  # the at-th checkpoint: the old one is moved aside, the new one not yet in place
+    real_replace = os.replace
+    def replace(src, dst):
+        if str(src).endswith("checkpoint.partial") and nth_call():
+            die()
+        return real_replace(src, dst)
+    os.replace = replace
+
+main(sys.argv[3:], prog_name="qprompt")
+'''
+
+
+@pytest.fixture
+def job(tiny_model_dir, sentiment_files, tmp_path):
+    """The wrapper, a 6-step recipe with a checkpoint every 2 steps, and a run that was never interrupted."""
+    from qprompt.cli import main
+    from qprompt.config import load_recipe, override
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
+                      train__max_steps=6, train__batch_size=8, train__lr=0.1, train__eval_every=2,
+                      train__eval_rows=8, train__log_every=1, train__warmup_steps=1)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    job = {"folder": tmp_path, "data": [str(sentiment_files["train"]), str(sentiment_files["validation"])]}
+    # In this process (a subprocess would cost another import of torch): the same code on the same CPU.
+    main(_args(job, tmp_path / "straight"), standalone_mode=False)
+    return job
+
+
+def _args(job, output, resume=False):
+    train_file, eval_file = job["data"]
+    return ["train", "--config", str(job["folder"] / "recipe.yaml"), "--data", train_file, "--eval-data", eval_file,
+            "--device", "cpu", "--output", str(output)] + (["--resume"] if resume else [])
+
+
+def _train(job, output, mode, at=0, resume=False):
+    command = [sys.executable, str(job["folder"] / "wrapper.py"), mode, str(at), *_args(job, output, resume)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _load_state(path):
+    from qprompt.train import _load_state
+
+    return _load_state(path)
+
+
+def _logged(output):
+    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("eval")) for r in lines]
+
+
+# Each kill in turn, every one of them resumed by the next run: (how it dies, at which call, what it leaves:
+# checkpoint folder -> the step its state.pt holds, None for a state.pt cut in half).
+KILLS = [
+    ("step", 3, {"checkpoint": 2}),  # a fresh run, at optimizer step 3: between the step-2 and step-4 checkpoints
+    ("save", 1, {"checkpoint": 2, "checkpoint.partial": None}),  # resumed, halfway through step 4's state.pt
+    ("rename", 1, {"checkpoint.old": 2, "checkpoint.partial": 4}),  # resumed: step 2's set aside, 4's not in place
+]
+
+
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_prompt(job, tmp_path):
+    from qprompt.train import _checkpoint_dir
+
+    out = tmp_path / "run"
+    for n, (mode, at, left) in enumerate(KILLS):
+        killed = _train(job, out, mode, at, resume=n > 0)
+        assert killed.returncode == -signal.SIGKILL, (mode, killed.stderr[-2000:])
+        found = {p.name: p for p in out.iterdir() if p.name.startswith("checkpoint")}
+        assert set(found) == set(left), mode
+        for name, step in left.items():
+            state_file = found[name] / "state.pt"
+            if step is None:  # really killed mid-write: a state.pt cut short, which no loader accepts
+                assert state_file.stat().st_size > 0
+                with pytest.raises((RuntimeError, OSError)):  # which one depends on where the cut falls
+                    torch.load(state_file, weights_only=True)
+            else:
+                assert _load_state(state_file)["step"] == step, (mode, name)
+        # What --resume reads is complete, and every name the run made was claimed before it was written.
+        assert _load_state(_checkpoint_dir(out) / "state.pt")["step"] == 2
+        assert set(left) | {"metrics.jsonl"} <= set((out / ".qprompt-files").read_text().split())
+
+    resumed = _train(job, out, "none", resume=True)  # a plain run: nothing patched
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+    straight = tmp_path / "straight"
+    a, b = (_load_state(o / "checkpoint" / "state.pt") for o in (straight, out))
+    assert a["step"] == b["step"] == 6 and a["best_step"] == b["best_step"] and a["best"] == b["best"]
+    for key in a["prompt_encoder"]:
+        assert torch.equal(a["prompt_encoder"][key], b["prompt_encoder"][key]), key
+    for folder in ("", "checkpoint"):  # the artifact's best prompt, and the last one
+        x, y = (load_file(o / folder / "adapter_model.safetensors") for o in (straight, out))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), folder
+    assert _logged(out) == _logged(straight)  # every step logged once, with the same loss; the same evaluations

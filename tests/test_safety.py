@@ -1,0 +1,163 @@
+"""Nothing of the user's is deleted or replaced: train and export touch only the files qprompt wrote,
+--overwrite waits for the new run's checks, checkpoints load without unpickling, exports carry no local paths."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from qprompt.data import load_splits
+from qprompt.errors import QPromptError
+from qprompt.export import export
+from qprompt.models import load_model
+from qprompt.owned import RECORD, owned
+from qprompt.train import train
+
+
+def _train(recipe, files, output, splits=None, **kw):
+    model, tok, info = load_model(recipe.model, "none")
+    splits = splits or load_splits(recipe, str(files["train"]), str(files["validation"]))
+    return train(recipe, model, tok, info, splits, output, progress=False, **kw)
+
+
+def _bad_label_splits(recipe, files):
+    splits = load_splits(recipe, str(files["train"]), str(files["validation"]))
+    splits["train"][5] = {**splits["train"][5], "label": "meh"}
+    return splits
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, sentiment_files, tmp_path_factory):
+    """A finished tiny run (quant none) in a folder that already held the user's README.md and notes."""
+    from qprompt.config import load_recipe, override
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
+                      train__max_steps=2, train__batch_size=8, train__eval_every=0, train__eval_rows=8)
+    out = tmp_path_factory.mktemp("safety") / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my notes on this run\n")
+    _train(recipe, sentiment_files, out)
+    return out
+
+
+def test_train_keeps_the_users_readme_and_records_its_own_files(run_dir):
+    assert (run_dir / "README.md").read_text() == "my notes on this run\n"  # PEFT's model card went nowhere
+    mine = owned(run_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "qprompt.json", "metrics.jsonl", "loss.png",
+            "checkpoint"} <= mine
+    assert "README.md" not in mine and not (run_dir / ".best.partial").exists()
+
+
+def test_overwrite_removes_only_recorded_files_and_only_after_the_checks(tiny_recipe, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    _train(tiny_recipe, sentiment_files, out)
+    (out / "notes.txt").write_text("also mine")
+    before = (out / "adapter_model.safetensors").read_bytes()
+    listing = sorted(os.listdir(out))
+
+    # A bad label found by the new run: the old run is untouched, every file of it still there.
+    with pytest.raises(QPromptError, match="label 'meh'"):
+        _train(tiny_recipe, sentiment_files, out, _bad_label_splits(tiny_recipe, sentiment_files), overwrite=True)
+    assert sorted(os.listdir(out)) == listing and (out / "adapter_model.safetensors").read_bytes() == before
+
+    tiny_recipe.train.lr = 0.05  # another run, so another prompt
+    _train(tiny_recipe, sentiment_files, out, overwrite=True)
+    assert (out / "README.md").read_text() == "mine" and (out / "notes.txt").read_text() == "also mine"
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_a_failed_check_creates_no_output_folder(tiny_recipe, sentiment_files, tmp_path):
+    with pytest.raises(QPromptError, match="label 'meh'"):
+        _train(tiny_recipe, sentiment_files, tmp_path / "new", _bad_label_splits(tiny_recipe, sentiment_files))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_users_checkpoint_folder_is_never_removed(tiny_recipe, sentiment_files, tmp_path, overwrite):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "weights.bin").write_bytes(b"the user's own")
+    with pytest.raises(QPromptError, match="holds checkpoint, which qprompt did not write"):
+        _train(tiny_recipe, sentiment_files, out, overwrite=overwrite)
+    assert (out / "checkpoint" / "weights.bin").read_bytes() == b"the user's own"
+    assert sorted(os.listdir(out)) == ["checkpoint"]
+
+
+def test_checkpoint_state_loads_with_weights_only(run_dir):
+    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)  # raises on anything unsafe
+    assert state["step"] == 2 and isinstance(state["best"], float)
+    assert {"optimizer", "scheduler", "rng", "prompt_encoder"} <= set(state)
+    python = state["rng"]["python"]
+    import random
+
+    random.setstate((python[0], tuple(python[1]), python[2]))  # the restored tuple is accepted as it was
+
+
+def test_export_refuses_an_output_that_holds_more_than_an_export(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QPromptError, match="is the current folder or one above it; .* --output export"):
+        export(run_dir, ".", overwrite=True)
+    with pytest.raises(QPromptError, match="is the current folder or one above it"):
+        export(run_dir, "..", overwrite=True)
+    for target in (run_dir, run_dir.parent):
+        with pytest.raises(QPromptError, match="is the artifact folder or one above it; .*--output run-export"):
+            export(run_dir, target, overwrite=True)
+    assert (run_dir / "qprompt.json").is_file() and (run_dir / "README.md").is_file()
+
+
+def test_export_overwrite_replaces_only_its_own_files_and_ships_no_paths(run_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "exp"
+    export(run_dir, out, quantize="int8")
+    assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "qprompt-export.json"} <= owned(out)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # the usual permissions, not mkdtemp's
+    (out / "README.md").write_text("how to run this model")
+    (out / "serve.py").write_text("print('hi')")
+
+    data = export(run_dir, out, overwrite=True)  # fp32 only now: the int8 graph of the earlier export goes
+    assert (out / "README.md").read_text() == "how to run this model" and (out / "serve.py").is_file()
+    assert not (out / "model.int8.onnx").exists() and data["model_file"] == "model.onnx"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp.partial")]
+
+    source = data["source"]
+    assert source["artifact"] == "run" and "path" not in source["base"]
+    assert source["base"]["name"] == tiny_model_dir.name and source["base"]["fingerprint"]
+    # No file written carries a path of this machine (the artifact's, the base model's or the temp folder's).
+    for path in out.iterdir():
+        if path.suffix in (".json", ".txt", ".jinja") or path.name == RECORD:
+            text = path.read_text()
+            for local in (str(tmp_path), str(run_dir.parent), str(tiny_model_dir.parent)):
+                assert local not in text, (path.name, local)
+    assert json.loads((out / "qprompt-export.json").read_text())["source"] == source
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_run_from_before_the_record_is_still_recognised_and_replaced(run_dir, tiny_recipe, sentiment_files,
+                                                                       tmp_path):
+    import shutil
+
+    out = tmp_path / "old-run"
+    shutil.copytree(run_dir, out)
+    (out / RECORD).unlink()
+    with pytest.raises(QPromptError, match="already holds a training run"):
+        _train(tiny_recipe, sentiment_files, out)
+    _train(tiny_recipe, sentiment_files, out, overwrite=True)
+    assert (out / "README.md").read_text() == "my notes on this run\n"
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == tiny_recipe.train.max_steps
+
+
+def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
+    from qprompt.train import drop_lines_after
+
+    lines = ['{"step": 1, "loss": 0.5}', '{"step": 2, "eval": 0.7}', '{"step": 3, "loss": 0.4}', '{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    drop_lines_after(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert not (tmp_path / "metrics.jsonl.partial").exists()
