@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import owned
-from .artifact import MANIFEST, manifest, write_json
+from .artifact import MANIFEST, manifest, read_checkpoint_state, write_json
 from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
 from .errors import QPromptError
@@ -123,11 +123,6 @@ def _checkpoint_dir(output: Path) -> Path | None:
         if (output / name / "state.pt").is_file():
             return output / name
     return None
-
-
-def _load_state(path: Path) -> dict:
-    """A checkpoint's state.pt. weights_only: tensors and plain containers only, so loading runs no code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict:
@@ -231,7 +226,7 @@ def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[
              "wall_seconds": 0.0, "recipe_digest": recipe.digest(), "fingerprint": info.fingerprint}
     wall_start = time.perf_counter()
     if resume:
-        saved = _load_state(_checkpoint_dir(output) / "state.pt")
+        saved = read_checkpoint_state(_checkpoint_dir(output) / "state.pt")  # weights_only: runs no code
         if saved["recipe_digest"] != recipe.digest():
             raise QPromptError(f"{output} was trained with different settings; resume with the same recipe and "
                                "options (only --max-steps may change), or train into a new --output")

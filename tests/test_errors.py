@@ -327,3 +327,15 @@ def test_other_user_errors_are_one_line(exported, sentiment_files, tmp_path):
     assert result.exit_code == 0 and "(32 rows" in result.output, result.output
     task = config_file(tmp_path, "name: t\ntask: ranking\n")
     assert_one_error(run("train", "--config", task), "task 'ranking' must be classification or generation")
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_error(tiny_model_dir, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--data", sentiment_files["train"], "--eval-data", sentiment_files["validation"],
+            "--output", out, "--quant", "none", "--virtual-tokens", 4, "--max-steps", 2, "--batch-size", 8,
+            "--eval-every", 1]
+    assert run("train", *args).exit_code == 0
+    state = out / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    assert_one_error(run("train", *args[:-6], "--max-steps", 3, "--batch-size", 8, "--eval-every", 1, "--resume"),
+                     "cannot be read", "--overwrite")

@@ -88,9 +88,9 @@ def _train(job, output, mode, at=0, resume=False):
 
 
 def _load_state(path):
-    from qprompt.train import _load_state
+    from qprompt.artifact import read_checkpoint_state
 
-    return _load_state(path)
+    return read_checkpoint_state(path)  # what --resume reads: weights_only, a clear error if damaged
 
 
 def _logged(output):
