@@ -23,8 +23,8 @@ ROWS = [{"text": "short", "label": "positive"},
         {"text": "an odd, slow, lovely thing", "label": "positive"}]
 
 
-def _recipe(method):
-    return override(load_recipe("sentiment"), method__name=method, method__virtual_tokens=5)
+def _recipe(method, **extra):
+    return override(load_recipe("sentiment"), method__name=method, method__virtual_tokens=5, **extra)
 
 
 def _prepare_like_training(model, tok, recipe, path):
@@ -94,6 +94,16 @@ def _assert_gradient_everywhere(model, tok, recipe, method):
 def test_a_training_step_reaches_every_layer_and_parameter(tiny_model_dir, method, quant):
     base, tok, info = load_model(str(tiny_model_dir), quant)
     recipe = _recipe(method)
+    model = _prepare_like_training(base, tok, recipe, info.path)
+    _assert_gradient_everywhere(model, tok, recipe, method)
+
+
+@pytest.mark.parametrize("method,extra", [("p-tuning", {"method__encoder": "lstm"}),
+                                          ("prefix-tuning", {"method__prefix_projection": True})])
+def test_every_encoder_parameter_peft_creates_is_trained(tiny_model_dir, method, extra):
+    """The other encoders: each of their parameters (LSTM, projection MLP) is on the path to the loss."""
+    base, tok, info = load_model(str(tiny_model_dir), "nf4")
+    recipe = _recipe(method, **extra)
     model = _prepare_like_training(base, tok, recipe, info.path)
     _assert_gradient_everywhere(model, tok, recipe, method)
 
