@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from .config import MethodConfig, RecipeConfig
 from .errors import QPromptError
+from .models import keep_4bit_layers_trainable
 
 METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 # Peak learning rates that trained each method in 50 steps on SmolLM2-135M (docs/results.md): p-tuning's
@@ -78,6 +79,7 @@ def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str)
 
 def add_soft_prompt(model, recipe: RecipeConfig, tokenizer_path: str, seed: int = 0) -> PeftModel:
     """Wrap a frozen base model with a freshly initialised soft prompt."""
+    keep_4bit_layers_trainable(model)  # also for a model loaded by the caller: the prefix init runs it below
     torch.manual_seed(seed)  # vocab and random init draw from torch's generator
     peft_model = get_peft_model(model, peft_config(recipe.method, recipe, tokenizer_path))
     method = recipe.method
@@ -206,15 +208,18 @@ def lean_gated_mlp(model) -> int:
             if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
     if not mlps:
         return 0
-    # Only where the stock forward is exactly the gated form: check it on the first MLP.
+    # Only where the stock forward is exactly the gated form: check it on the first MLP. The input needs
+    # grad, as in training: a no-grad eval-mode pass would let bitsandbytes repack a 4-bit layer for
+    # inference on some CPUs (see keep_4bit_layers_trainable).
     first = mlps[0]
     width = first.gate_proj.in_features
-    with torch.no_grad():
-        embeddings = base.get_input_embeddings().weight  # the MLPs see hidden states of this dtype
-        x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0))
-        x = x.to(first.gate_proj.weight.device, embeddings.dtype)
-        if not torch.allclose(first(x), _lean_gated_forward(first, x), rtol=1e-3, atol=1e-4):
-            return 0
+    embeddings = base.get_input_embeddings().weight  # the MLPs see hidden states of this dtype
+    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0))
+    x = x.to(first.gate_proj.weight.device, embeddings.dtype).requires_grad_()
+    with torch.enable_grad():
+        stock, lean = first(x).detach(), _lean_gated_forward(first, x).detach()
+    if not torch.allclose(stock, lean, rtol=1e-3, atol=1e-4):
+        return 0
     for m in mlps:
         m.forward = _lean_gated_forward.__get__(m)
     return len(mlps)

@@ -219,9 +219,38 @@ def load_model(
         first = str(exc).splitlines()[0]
         raise QPromptError(f"could not load model {name!r} ({first}); check the name or folder") from exc
     model.requires_grad_(False)
+    keep_4bit_layers_trainable(model)
     model.eval()
     info = ModelInfo(name, path, quant, str(dtype).removeprefix("torch."), device, fingerprint(model.config, tokenizer))
     return model, tokenizer, info
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Keep every bitsandbytes 4-bit layer of `model` on its float dequantize+matmul path; returns how many.
+
+    Why: on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its bfloat16 inference kernel
+    the first time the layer runs in eval mode on an input without gradients (an evaluation pass, the
+    prefix init, a self-check), and keeps it packed. That kernel (gemv_4bit) has no backward: from then on
+    the layer passes no gradient to its input, in train mode too, so layers drop out of the prompt's
+    gradient silently. Switched off, every x86-64 CPU computes the same float32 result. A layer already
+    packed cannot be put back exactly (bitsandbytes' inverse re-quantizes the block scales), so it is refused.
+    """
+    import sys
+
+    if "bitsandbytes" not in sys.modules:  # a model with bitsandbytes layers has imported it
+        return 0
+    import bitsandbytes as bnb
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    packed = [name for name, m in layers
+              if getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if packed:
+        raise QPromptError(f"{len(packed)} 4-bit layers of the base model (first: {packed[0]}) were repacked by "
+                           "bitsandbytes for CPU inference and would pass no gradient; reload the model and call "
+                           "qprompt.models.keep_4bit_layers_trainable(model) before running it (load_model does)")
+    for _, m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 # Keys that change with how a model was saved or loaded, not with what it computes.

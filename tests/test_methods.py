@@ -97,6 +97,13 @@ def test_class_label_init_uses_the_label_words(tiny_model_dir):
         assert torch.allclose(prompt[i], table[words[i % len(words)]])
 
 
+def _close_gradients(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: a backward pass's inner products run over K <= 128 terms here, and
+    summing them in another order moves the result by at most K * 2^-24 ~ 7.6e-6 of the terms' magnitude,
+    bounded by the gradient's largest entry (p-tuning's is ~2e-4, prompt tuning's ~0.2: no absolute tolerance)."""
+    return bool((a - b).abs().max() <= 1e-5 * a.abs().max())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(tiny_model_dir, method):
     from qprompt.methods import enable_gradient_checkpointing
@@ -116,7 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activa
 
     plain, plain_saved = grads_and_saved(False)
     ckpt, ckpt_saved = grads_and_saved(True)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
+    assert plain and all(_close_gradients(a, b) for a, b in zip(plain, ckpt))
     assert ckpt_saved < plain_saved
 
 
@@ -156,8 +163,12 @@ def test_memory_savers_give_the_same_gradients_with_fewer_saved_bytes(tiny_model
 
     loss, grads, saved = grads_and_saved(False)
     lean_loss, lean_grads, lean_saved = grads_and_saved(True)
-    assert lean_loss == pytest.approx(loss, abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, lean_grads))
+    # The forward runs the same float32 ops on the same values (bitwise equal on AVX-512, AVX2 and scalar
+    # kernels, 1 or 2 threads); 2e-6 is the worst-case rounding of a 32-term sum reordered (32 * 2^-24).
+    assert lean_loss == pytest.approx(loss, rel=2e-6)
+    # grouped-sdpa really changes the gradients, by <= 4e-7 of their largest entry (measured): SDPA sums each
+    # key/value head's gradient over its query heads itself, where repeat_kv's backward summed it after.
+    assert grads and all(_close_gradients(a, b) for a, b in zip(grads, lean_grads))
     if "checkpointing" in saver:  # the layer's inputs are all it keeps either way; the recomputation must agree
         assert lean_saved == saved
     else:
