@@ -293,7 +293,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                   past_key_values=cache, use_cache=True)
     batch = input_ids.shape[0]
-    stops = torch.tensor(stop_ids, device=input_ids.device)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # long even when empty
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     position = positions[:, -1:] + 1
     tokens = []
