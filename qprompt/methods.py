@@ -9,6 +9,7 @@ whose next token is scored, instead of over the whole vocabulary at every positi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def init_prefix_from_tokens(model: PeftModel, token_ids: list[int]) -> None:
     ids = (token_ids * (n // len(token_ids) + 1))[:n]
     base = model.get_base_model()
     device = next(base.parameters()).device
-    layers = base(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values.layers
+    layers = cache_of(base(input_ids=torch.tensor([ids], device=device), use_cache=True)).layers
     # PEFT reads the embedding row of virtual token t as (layers * 2, kv_heads, head_dim), key then value.
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])  # (L, 2, H, n, D)
     weight = model.prompt_encoder[model.active_adapter].embedding.weight
@@ -145,6 +146,20 @@ def is_prefix(model) -> bool:
 
 def base_of(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def cache_kwargs(module, cache: DynamicCache) -> dict:
+    """`cache` as the keyword `module.forward` takes it: transformers 5.24 renamed `past_key_values` to `cache`
+    (the old name still works there, with a FutureWarning); 5.23 knows only the old name and would silently
+    drop a `cache=` keyword into its **kwargs."""
+    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def cache_of(output):
+    """The KV cache a forward returned: `output.cache` from transformers 5.24 on, `past_key_values` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class FixedPrefix(DynamicCache):
@@ -275,8 +290,8 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     embeds, mask, positions, prefix, n_front = _prompted_inputs(model, input_ids, attention_mask)
     decoder = base_of(model).get_decoder()
     if prefix is not None:  # read, never extended: a checkpointed layer may run twice
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                      past_key_values=FixedPrefix(ddp_cache_data=prefix), use_cache=True)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **cache_kwargs(decoder, FixedPrefix(ddp_cache_data=prefix)))
         return out.last_hidden_state
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state[:, n_front:]
@@ -297,10 +312,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     decoder, head, embed = base.get_decoder(), base.get_output_embeddings(), base.get_input_embeddings()
     embeds, mask, positions, prefix, _ = _prompted_inputs(model, input_ids, attention_mask)
     cache = DynamicCache(ddp_cache_data=prefix) if prefix is not None else DynamicCache()
-    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True)
+    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **cache_kwargs(decoder, cache))
     batch = input_ids.shape[0]
-    stops = torch.tensor(stop_ids, device=input_ids.device)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # long even when empty
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     position = positions[:, -1:] + 1
     tokens = []
@@ -313,7 +328,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             break
         mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
         out = decoder(inputs_embeds=embed(token[:, None]), attention_mask=mask, position_ids=position,
-                      past_key_values=out.past_key_values, use_cache=True)
+                      use_cache=True, **cache_kwargs(decoder, cache_of(out)))
         position = position + 1
     result = []
     for row in torch.stack(tokens, dim=1).tolist():

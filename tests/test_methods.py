@@ -206,10 +206,25 @@ def test_prefix_tuning_starts_from_the_keys_and_values_of_real_tokens(tiny_model
         assert ids[:3] == tok(recipe.template.instruction, add_special_tokens=False)["input_ids"][:3]
 
 
+def _greedy_without_cache(model, prompt: list[int], max_new_tokens: int, stops: list[int]) -> list[int]:
+    """Greedy decoding by definition: the whole sequence through the (PEFT) model's forward at every step.
+
+    No cache and no position bookkeeping to get wrong. PEFT's `generate` cannot be the reference:
+    PEFT 0.21 reads the cache as `past_key_values`, which transformers 5.24 renamed to `cache`, so
+    it re-inserts the prompt at every step (prompt and p-tuning) or drops the prefix (prefix tuning)."""
+    seq = list(prompt)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([seq])
+        seq.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+        if seq[-1] in stops:
+            break
+    return seq[len(prompt):]
+
+
 @pytest.mark.parametrize("method", ["none", *METHODS])
-def test_batched_generation_matches_generate_and_rows_alone(tiny_model_dir, method):
-    """Greedy decoding in left-padded batches: each row's tokens equal PEFT/transformers `generate` on
-    that row alone, whatever it is batched with (the summarize evaluation relies on it)."""
+def test_batched_generation_matches_greedy_decoding_of_rows_alone(tiny_model_dir, method):
+    """Greedy decoding in left-padded batches: each row's tokens equal greedy decoding of that row alone
+    by the PEFT/transformers forward, whatever it is batched with (the summarize evaluation relies on it)."""
     if method == "none":
         model, tok, _ = load_model(str(tiny_model_dir), "none")
     else:
@@ -223,13 +238,8 @@ def test_batched_generation_matches_generate_and_rows_alone(tiny_model_dir, meth
                 p.normal_(0, 0.3)
     prompts = [tok(t)["input_ids"] for t in ("good", "a much longer review that drags on", "an odd, slow film")]
     stops = [tok.eos_token_id]
-    expected = []
     with torch.no_grad():
-        for p in prompts:
-            x = torch.tensor([p])
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-            expected.append(out[0, len(p):].tolist())
+        expected = [_greedy_without_cache(model, p, 6, stops) for p in prompts]
     batch = collate([Example(p, [], None) for p in prompts], tok.pad_token_id, with_target=False, pad_left=True)
     batched = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 6, stops, tok.pad_token_id)
     assert batched == expected
