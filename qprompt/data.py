@@ -122,7 +122,8 @@ def _hub_rows(spec: str) -> list[dict]:
     try:
         import datasets
     except ImportError as exc:
-        raise QPromptError("hub datasets need the `datasets` package: pip install datasets") from exc
+        raise QPromptError("hub datasets need the `datasets` package: pip install 'qprompt[hub]' "
+                           "(or pip install datasets)") from exc
     try:
         return [dict(r) for r in datasets.load_dataset(name, split=split or "train")]
     except Exception as exc:  # the hub, network and format errors all arrive here

@@ -339,3 +339,13 @@ def test_resume_from_a_damaged_checkpoint_is_one_error(tiny_model_dir, sentiment
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     assert_one_error(run("train", *args[:-6], "--max-steps", 3, "--batch-size", 8, "--eval-every", 1, "--resume"),
                      "cannot be read", "--overwrite")
+
+
+def test_a_missing_optional_extra_names_the_package_and_the_pip_command(tmp_path, monkeypatch):
+    import sys
+
+    from qprompt.data import read_rows
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on an install without the [hub] extra
+    with pytest.raises(QPromptError, match=r"`datasets` package: pip install 'qprompt\[hub\]'"):
+        read_rows("hf:imdb:test")
