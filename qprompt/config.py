@@ -146,7 +146,6 @@ class RecipeConfig:
                                "target text of data.label_field")
         return self
 
-
     def _check_ranges(self) -> None:
         for key, low, high in _RANGES:
             section, _, name = key.rpartition(".")
