@@ -19,8 +19,8 @@ from . import __version__
 from .config import RecipeConfig, from_dict
 from .errors import QPromptError
 from .methods import load_soft_prompt
-from .models import ModelInfo, load_model
-from .runtime import ExportError, read_json_object, tokenizer_problem
+from .models import ModelInfo, check_model_tokenizer, load_model
+from .runtime import ExportError, read_json_object
 
 MANIFEST = "qprompt.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -150,13 +150,3 @@ def check_adapter_weights(folder: str | Path) -> None:
     except (SafetensorError, OSError) as exc:
         raise QPromptError(f"{path} is damaged ({str(exc).splitlines()[0]}); copy the artifact again or "
                            "train again") from exc
-
-
-def check_model_tokenizer(model: str) -> None:
-    """A local model folder's tokenizer.json must parse (the tokenizers library fails with a bare Exception)."""
-    path = Path(model) / "tokenizer.json"
-    if path.is_file():
-        problem = tokenizer_problem(path)
-        if problem:
-            raise QPromptError(f"model folder {model}: tokenizer.json is damaged ({problem}); copy the model "
-                               "folder again")

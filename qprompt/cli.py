@@ -65,6 +65,9 @@ def quiet_libraries() -> None:
     log.setLevel(logging.INFO)
     # PEFT calls a transformers method that warns about its own deprecation on every load.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # torch's ONNX exporter notes about its own internals (pytree's LeafSpec, merged dynamic axis names).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used.*", category=UserWarning)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from . import __version__, owned
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
-from .methods import greedy_generate, is_prefix, virtual_tokens
+from .methods import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
 from .plan import kv_shape
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
 
@@ -73,7 +73,7 @@ class MergedPromptDecoder(torch.nn.Module):
         prefix = [(getattr(self, f"prefix_key_t_{i}"), getattr(self, f"prefix_value_{i}"))
                   for i in range(self.num_layers)] if self.num_virtual else None
         out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, qprompt_prefix=prefix)
+                        use_cache=True, qprompt_prefix=prefix, **cache_kwargs(self.base, cache))
         presents = []
         for layer in layers:  # the real tokens' cache: past + this step, without the constant prefix
             presents += [layer.keys, layer.values]
@@ -112,7 +112,7 @@ def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     base = model.get_base_model()
     prompts = model.get_prompt(batch_size=1).to(base.dtype)
     out = base.get_decoder()(inputs_embeds=prompts, use_cache=True)
-    return [(layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers]
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache_of(out).layers]
 
 
 def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, qprompt_prefix=None,

@@ -210,6 +210,7 @@ def load_model(
     qconfig = quantization_config(quant, dtype, double_quant)
     if qconfig is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise QPromptError(f"--quant {quant} needs bitsandbytes: pip install bitsandbytes, or use --quant none")
+    check_model_tokenizer(path)
     try:
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(
@@ -223,6 +224,22 @@ def load_model(
     model.eval()
     info = ModelInfo(name, path, quant, str(dtype).removeprefix("torch."), device, fingerprint(model.config, tokenizer))
     return model, tokenizer, info
+
+
+def check_model_tokenizer(model: str) -> None:
+    """A local model folder's tokenizer.json must parse (the tokenizers library fails with a bare Exception).
+
+    Called before a model load (a damaged file fails in a second) and by load_model itself, which also
+    covers the built-in alias's converted folder."""
+    from .runtime import tokenizer_problem
+
+    path = Path(model) / "tokenizer.json"
+    if path.is_file():
+        problem = tokenizer_problem(path)
+        if problem:
+            converted = Path(model).resolve().is_relative_to(cache_dir().resolve())  # an alias qprompt converted
+            fix = f"delete {model} and qprompt converts it again" if converted else "copy the model folder again"
+            raise QPromptError(f"model folder {model}: tokenizer.json is damaged ({problem}); {fix}")
 
 
 def keep_4bit_layers_trainable(model) -> int:

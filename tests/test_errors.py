@@ -349,3 +349,16 @@ def test_a_missing_optional_extra_names_the_package_and_the_pip_command(tmp_path
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on an install without the [hub] extra
     with pytest.raises(QPromptError, match=r"`datasets` package: pip install 'qprompt\[hub\]'"):
         read_rows("hf:imdb:test")
+
+
+def test_damaged_tokenizer_in_the_aliases_converted_folder(tmp_path, monkeypatch):
+    """The built-in alias resolves to a folder in qprompt's cache: a damaged tokenizer there says how to redo it."""
+    from qprompt import models
+
+    monkeypatch.setenv("QPROMPT_CACHE", str(tmp_path / "cache"))  # not the session's cache: the real alias lives there
+    folder = models.cache_dir() / "models" / "smollm2-135m"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(QPromptError, match="tokenizer.json is damaged .*delete .* and qprompt converts it again"):
+        models.load_model("smollm2-135m", "none")
