@@ -19,7 +19,7 @@ from . import __version__
 from .config import RecipeConfig, from_dict
 from .errors import QPromptError
 from .methods import load_soft_prompt
-from .models import ModelInfo, check_model_tokenizer, load_model
+from .models import ModelInfo, load_model
 from .runtime import ExportError, read_json_object
 
 MANIFEST = "qprompt.json"
@@ -128,7 +128,6 @@ def load_artifact(folder: str | Path, model: str | None = None, quant: str | Non
         raise QPromptError(f"{folder} has no adapter_config.json: training never saved a prompt; train again")
     check_adapter_weights(folder)
     base = data["base"]
-    check_model_tokenizer(model or base["name"])
     model_obj, tokenizer, info = load_model(model or base["name"], quant or base["quant"], compute_dtype, device)
     check_base(data, info, folder)
     return load_soft_prompt(model_obj, folder), tokenizer, recipe_of(data), data

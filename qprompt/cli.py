@@ -136,7 +136,6 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
           max_steps, batch_size, grad_accum, lr, gradient_checkpointing, lean_memory, eval_every, max_length, on_long,
           seed, output, resume, overwrite):
     """Train a soft prompt; the base model stays frozen."""
-    from .artifact import check_model_tokenizer
     from .config import load_recipe, override
     from .data import check_splits, load_splits
     from .methods import learning_rate_for
@@ -158,7 +157,6 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     check_output_folder(output, "--output")
     splits = load_splits(cfg, data, eval_data)
     check_splits(cfg, splits, data, eval_data)  # bad rows fail now, not after the model load
-    check_model_tokenizer(cfg.model)
     model, tokenizer, info = load_model(cfg.model, cfg.quant, compute_dtype, device)
     log.info("training %s on %s (%s, %s): %d training rows, %d validation rows", cfg.method.name, cfg.model,
              cfg.quant, info.device, len(splits["train"]), len(splits["validation"]))
@@ -198,7 +196,7 @@ def eval_command(artifact, data, baseline, model_name, recipe, config, quant, co
             raise QPromptError("an export folder carries its own model, prompt and recipe: drop "
                                "--baseline/--model/--quant/--recipe/--config")
         return _eval_export(artifact, data, limit, batch_size, json_out)  # ONNX Runtime only: torch is not imported
-    from .artifact import check_model_tokenizer, load_artifact, read_manifest, recipe_of
+    from .artifact import load_artifact, read_manifest, recipe_of
     from .config import load_recipe
     from .data import check_recipe_rows, demonstrations, load_splits, read_rows
     from .evaluate import evaluate
@@ -224,7 +222,6 @@ def eval_command(artifact, data, baseline, model_name, recipe, config, quant, co
         demos = demonstrations(pool, shots, label_field=cfg.data.label_field)
         check_recipe_rows(cfg, demos, f"{train_data or cfg.name + ' training split'} (--shots demonstrations)")
     if baseline:
-        check_model_tokenizer(model_name or cfg.model)
         model, tokenizer, _ = load_model(model_name or cfg.model, quant or cfg.quant, compute_dtype, device)
         what = f"hard-prompt {shots}-shot baseline ({model_name or cfg.model}, {quant or cfg.quant})"
     else:

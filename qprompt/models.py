@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import QPromptError
+from .sources import cache_dir, extract_member, fetch_package
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `qprompt run` and the CLI start without it
     import torch
-from .sources import cache_dir, extract_member, fetch_package
 
 QUANTS = ("nf4", "fp4", "int8", "none")
 
@@ -226,20 +226,20 @@ def load_model(
     return model, tokenizer, info
 
 
-def check_model_tokenizer(model: str) -> None:
-    """A local model folder's tokenizer.json must parse (the tokenizers library fails with a bare Exception).
+def check_model_tokenizer(folder: str) -> None:
+    """A local model folder's tokenizer.json must parse: load_model checks it before the slow weight load,
+    since transformers reports a damaged one as a bare traceback. Covers the alias's converted folder too."""
+    from .runtime import ExportError, read_tokenizer
 
-    Called before a model load (a damaged file fails in a second) and by load_model itself, which also
-    covers the built-in alias's converted folder."""
-    from .runtime import tokenizer_problem
-
-    path = Path(model) / "tokenizer.json"
-    if path.is_file():
-        problem = tokenizer_problem(path)
-        if problem:
-            converted = Path(model).resolve().is_relative_to(cache_dir().resolve())  # an alias qprompt converted
-            fix = f"delete {model} and qprompt converts it again" if converted else "copy the model folder again"
-            raise QPromptError(f"model folder {model}: tokenizer.json is damaged ({problem}); {fix}")
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return
+    converted = Path(folder).resolve().is_relative_to(cache_dir().resolve())  # an alias qprompt converted
+    fix = f"delete {folder} and qprompt converts it again" if converted else "copy the model folder again"
+    try:
+        read_tokenizer(path, fix)
+    except ExportError as exc:
+        raise QPromptError(str(exc)) from None
 
 
 def keep_4bit_layers_trainable(model) -> int:

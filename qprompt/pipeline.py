@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .artifact import MANIFEST, check_model_tokenizer, load_artifact, read_manifest
+from .artifact import MANIFEST, load_artifact, read_manifest
 from .config import RecipeConfig
 from .data import check_recipe_rows, check_splits, load_splits, read_rows
 from .evaluate import evaluate, main_metric
@@ -37,10 +37,9 @@ def train_and_compare(recipe: RecipeConfig, output: str | Path, data: str | None
         log.warning("no test rows given (--test-data): reporting on the validation rows")
         test, where = splits["validation"], eval_data or data  # the file the rows' line numbers refer to
     test = test[:test_limit] if test_limit else test
-    # Every row and the tokenizer file are checked now: a bad one fails in a second, not after the model load.
+    # Every row is checked now: a bad one fails in a second, not after the model load (which checks the tokenizer).
     check_splits(recipe, splits, data, eval_data)
     check_recipe_rows(recipe, test, where)
-    check_model_tokenizer(recipe.model)
 
     model, tokenizer, info = load_model(recipe.model, recipe.quant, compute_dtype, device)
     log.info("hard-prompt baseline on %d test rows", len(test))

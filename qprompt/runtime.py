@@ -84,15 +84,15 @@ def read_json_object(path: Path, format: str, required: tuple[str, ...], fix: st
     return data
 
 
-def tokenizer_problem(path: Path) -> str | None:
-    """Why tokenizer.json at `path` cannot be loaded, or None when it loads."""
+def read_tokenizer(path: Path, fix: str):
+    """The `tokenizers.Tokenizer` in tokenizer.json at `path`; a damaged file is an ExportError naming `fix`."""
     from tokenizers import Tokenizer
 
     try:
-        Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"{path} is damaged ({first}); {fix}") from exc
 
 
 def read_export_manifest(folder: str | Path) -> dict:
@@ -111,7 +111,6 @@ class ExportedModel:
     def __init__(self, folder: str | Path, model_file: str | None = None, providers: list[str] | None = None,
                  threads: int | None = None):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.manifest = m = read_export_manifest(folder)
@@ -133,11 +132,7 @@ class ExportedModel:
         if missing:
             raise ExportError(f"{path} does not match {EXPORT_MANIFEST} (missing inputs {sorted(missing)[:3]}); "
                               "export again")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
-            raise ExportError(f"{self.folder / 'tokenizer.json'} is damaged ({str(exc).splitlines()[0][:200]}); "
-                              "export again") from exc
+        self.tokenizer = read_tokenizer(self.folder / "tokenizer.json", "export again")
         self.pad_id = m["pad_token_id"]
         self.eos_ids = set(m["eos_token_ids"])
         self.fields = [f for _, f, _, _ in string.Formatter().parse(m["template"]["prompt"]) if f]
