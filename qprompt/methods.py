@@ -9,6 +9,7 @@ whose next token is scored, instead of over the whole vocabulary at every positi
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from pathlib import Path
@@ -152,8 +153,13 @@ def cache_kwargs(module, cache: DynamicCache) -> dict:
     """`cache` as the keyword `module.forward` takes it: transformers 5.24 renamed `past_key_values` to `cache`
     (the old name still works there, with a FutureWarning); 5.23 knows only the old name and would silently
     drop a `cache=` keyword into its **kwargs."""
-    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(module_class: type) -> str:
+    # Once per model class, not once per decoding step: the signature is the class's.
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
 
 
 def cache_of(output):
