@@ -21,6 +21,11 @@ from .runtime import QUANTIZATIONS, ExportError
 log = logging.getLogger("qprompt")
 
 
+# What `pip install qprompt[train]` adds to the plain (deploy) install: training, artifacts, export.
+TRAIN_PACKAGES = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "safetensors",
+                  "onnx", "onnxscript", "gguf", "matplotlib", "tqdm"}
+
+
 class _FriendlyErrors:
     """Print a QPromptError as one `error:` line (exit 2) instead of a traceback."""
 
@@ -29,6 +34,14 @@ class _FriendlyErrors:
             return super().invoke(ctx)
         except (QPromptError, ExportError) as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in TRAIN_PACKAGES:
+                raise
+            # The deploy-only install runs exports; everything that loads a PyTorch model needs the extra.
+            what = f"qprompt {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "this command"
+            click.echo(f"error: `{what}` needs the training packages ({exc.name} is not installed): "
+                       "pip install 'qprompt[train]'", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
@@ -346,6 +359,40 @@ def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, t
         outputs = model.classify(chunk) if classify else model.generate(chunk, sampling, raw=raw)
         for out in outputs:
             click.echo(json.dumps(out) if input_file else out)
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--host", type=str, default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Rows in one forward pass; 1 serves one request at a time.")
+@click.option("--batch-window-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long an idle server waits for more requests to share the first forward pass.")
+@click.option("--max-tokens-limit", type=click.IntRange(1), default=1024, show_default=True,
+              help="The largest max_tokens a request may ask for.")
+@click.option("--model-file", type=str, default=None, help="Which graph in the folder [default: the manifest's].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads [default: all cores].")
+@click.option("--log-level", type=click.Choice(["warning", "info", "debug"]), default="info", show_default=True,
+              help="uvicorn's log level (info logs every request).")
+def serve(export_dir, host, port, max_batch, batch_window_ms, max_tokens_limit, model_file, threads, log_level):
+    """Serve an export over HTTP: POST /v1/completions (OpenAI-style, streaming), POST /v1/classify,
+    GET /health, GET /metrics. Concurrent requests are batched."""
+    from .runtime import ExportedModel
+    from .serve import ServeOptions, bind, serve
+
+    sock = bind(host, port)  # before the model loads: a port in use is reported at once
+    try:
+        model = ExportedModel(export_dir, model_file, threads=threads)
+    except BaseException:
+        sock.close()
+        raise
+    bound = sock.getsockname()
+    click.echo(f"serving {export_dir} ({model.manifest['task']}, {model.manifest['quantization']}) on "
+               f"http://{host}:{bound[1]}  (POST /v1/completions, /v1/classify; GET /health, /metrics)", err=True)
+    options = ServeOptions(max_batch=max_batch, batch_window_ms=batch_window_ms, max_tokens_limit=max_tokens_limit)
+    serve(model, sock, options, log_level)
 
 
 @main.command()

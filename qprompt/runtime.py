@@ -198,27 +198,26 @@ class ExportedModel:
         """Continue each prompt; the batch is left-padded and decoded together with a KV cache."""
         s = sampling or Sampling()
         rng = np.random.default_rng(s.seed)
-        ids, mask = self._left_pad(prompts)
-        past = self.empty_past(len(prompts))
+        batch = DecodeBatch(self)
+        logits = batch.join(prompts)
         out: list[list[int]] = [[] for _ in prompts]
-        done = np.zeros(len(prompts), dtype=bool)
-        step_ids = ids
-        for _ in range(s.max_new_tokens):
-            logits, past = self.forward(step_ids, mask, past)
-            nxt = np.array([_pick(row, s, rng) for row in logits[:, -1].astype(np.float64)])
-            for i, tok in enumerate(nxt):
-                if done[i]:
-                    continue
+        rows = list(range(len(prompts)))  # which prompt each row of the batch continues
+        for step in range(s.max_new_tokens):
+            nxt = np.array([_pick(row, s, rng) for row in logits.astype(np.float64)])
+            going = []
+            for r, tok in enumerate(nxt):
+                i = rows[r]
                 if tok in self.eos_ids:
-                    done[i] = True
                     continue
                 out[i].append(int(tok))
-                if s.stop and any(stop in self.decode(out[i]) for stop in s.stop):
-                    done[i] = True
-            if done.all():
+                if not (s.stop and any(stop in self.decode(out[i]) for stop in s.stop)):
+                    going.append(r)
+            if not going or step == s.max_new_tokens - 1:
                 break
-            step_ids = np.where(done, self.pad_id, nxt)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            if len(going) < len(rows):  # finished rows leave the batch: no more work spent on them
+                batch.keep(going)
+                rows, nxt = [rows[r] for r in going], nxt[going]
+            logits = batch.step(nxt)
         return out
 
     def generate(self, inputs: list[dict | str], sampling: Sampling | None = None, raw: bool = False) -> list[str]:
@@ -260,6 +259,55 @@ class ExportedModel:
         for k, i in enumerate(order):
             result[i] = labels[int(scores[k].argmax())]
         return result
+
+
+class DecodeBatch:
+    """Sequences decoding together through one KV cache, left-padded to a common length.
+
+    Rows join after their own prefill (`join`) and leave once finished (`keep`), between any two steps:
+    a row's padding is masked, and positions are counted from the mask, so a row's tokens do not
+    depend on which other rows share its batch or when they came. `qprompt serve` batches concurrent
+    requests this way; `ExportedModel.generate_ids` is the same loop with every row joining at once.
+    """
+
+    def __init__(self, model: ExportedModel):
+        self.model = model
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # (rows, cached tokens): 1 real, 0 padding
+        self.past = model.empty_past(0)
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def join(self, prompts: list[list[int]]) -> np.ndarray:
+        """Prefill `prompts` as one left-padded batch, append them as the last rows: their next-token logits."""
+        ids, mask = self.model._left_pad(prompts)
+        logits, past = self.model.forward(ids, mask, self.model.empty_past(len(prompts)))
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = np.concatenate([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.past = {n: np.concatenate([_pad_left(self.past[n], width, 2), _pad_left(past[n], width, 2)])
+                     for n in self.past}
+        return logits[:, -1]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed each row its next token (B,): the logits (B, vocab) for the token after it."""
+        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
+        logits, self.past = self.model.forward(tokens.astype(np.int64)[:, None], self.mask, self.past)
+        return logits[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order), and drop the cache columns that are padding in all of them."""
+        self.mask = self.mask[rows]
+        self.past = {n: v[rows] for n, v in self.past.items()}
+        if len(rows):
+            first = int(self.mask.argmax(axis=1).min())  # the earliest real token of any row
+            self.mask = self.mask[:, first:]
+            self.past = {n: v[:, :, first:] for n, v in self.past.items()}
+
+
+def _pad_left(x: np.ndarray, width: int, axis: int) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (width - x.shape[axis], 0)
+    return np.pad(x, pad)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

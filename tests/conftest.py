@@ -85,3 +85,24 @@ def tiny_recipe(tiny_model_dir):
     return override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none",
                     method__virtual_tokens=4, train__max_steps=6, train__batch_size=8, train__lr=0.1,
                     train__eval_every=3, train__eval_rows=16, train__log_every=1, train__warmup_steps=1)
+
+
+@pytest.fixture(scope="session")
+def sentiment_export(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
+    """A prompt-tuning export (fp32) of the tiny model, trained a few steps on the sentiment slice: for the
+    tests of what runs an export (the server, the deploy-only install)."""
+    from qprompt.config import load_recipe, override
+    from qprompt.data import load_splits
+    from qprompt.export import export
+    from qprompt.models import load_model
+    from qprompt.train import train
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
+                      train__max_steps=4, train__batch_size=8, train__lr=0.1, train__eval_every=0,
+                      train__eval_rows=8)
+    model, tok, info = load_model(recipe.model, recipe.quant)
+    folder = tmp_path_factory.mktemp("sentiment-export")
+    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
+    train(recipe, model, tok, info, splits, folder / "artifact", progress=False)
+    export(folder / "artifact", folder / "export", parity_tokens=4)
+    return folder / "export"
