@@ -12,9 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from qprompt.cli import main
 
 BLOCKED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 # A None entry in sys.modules makes `import torch` raise ImportError, wherever it is attempted.
@@ -28,18 +25,8 @@ def qprompt_without_torch(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("torch-free")
-    runner = CliRunner()
-    result = runner.invoke(main, ["train", "--model", str(tiny_model_dir), "--quant", "none", "--data",
-                                  str(sentiment_files["train"]), "--eval-data", str(sentiment_files["validation"]),
-                                  "--virtual-tokens", "4", "--max-steps", "2", "--batch-size", "8",
-                                  "--eval-every", "0", "--output", str(folder / "art")])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["export", str(folder / "art"), "--output", str(folder / "exp"),
-                                  "--parity-tokens", "2"])
-    assert result.exit_code == 0, result.output
-    return folder / "exp"
+def exported(sentiment_export) -> Path:
+    return sentiment_export
 
 
 def test_the_block_really_blocks():
