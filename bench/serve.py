@@ -134,8 +134,8 @@ def main(export_dir, max_tokens, requests_per_client, levels, level_timeout, thr
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             conn.request("GET", "/metrics")
             metrics = json.loads(conn.getresponse().read())
-            results["modes"][mode] = {"max_batch": max_batch, "rss_mb_before": before, "rss_mb_after": rss_mb(server.pid),
-                                      "levels": rows, "server_metrics": metrics}
+            results["modes"][mode] = {"max_batch": max_batch, "rss_mb_before": before,
+                                      "rss_mb_after": rss_mb(server.pid), "levels": rows, "server_metrics": metrics}
         finally:
             server.terminate()
             server.wait(timeout=30)

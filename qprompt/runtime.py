@@ -203,7 +203,7 @@ class ExportedModel:
         out: list[list[int]] = [[] for _ in prompts]
         rows = list(range(len(prompts)))  # which prompt each row of the batch continues
         for step in range(s.max_new_tokens):
-            nxt = np.array([_pick(row, s, rng) for row in logits.astype(np.float64)])
+            nxt = np.array([pick_token(row, s, rng) for row in logits.astype(np.float64)])
             going = []
             for r, tok in enumerate(nxt):
                 i = rows[r]
@@ -236,14 +236,14 @@ class ExportedModel:
             if single:  # one pass: the next-token distribution scores every label
                 ids, mask = self._left_pad(chunk)
                 logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)))
-                logp = _log_softmax(logits[:, -1])
+                logp = log_softmax(logits[:, -1])
                 scores[start : start + len(chunk)] = logp[:, [self.label_ids[lab][0] for lab in labels]]
                 continue
             for j, lab in enumerate(labels):
                 target = self.label_ids[lab]
                 ids, mask = self._left_pad([p + target for p in chunk])
                 logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)))
-                logp = _log_softmax(logits[:, -len(target) - 1 : -1])
+                logp = log_softmax(logits[:, -len(target) - 1 : -1])
                 scores[start : start + len(chunk), j] = logp[:, np.arange(len(target)), target].sum(axis=1)
         return scores
 
@@ -310,13 +310,13 @@ def _pad_left(x: np.ndarray, width: int, axis: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if s.temperature <= 0:
         return int(logits.argmax())
     logits = logits / s.temperature

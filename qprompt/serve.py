@@ -26,7 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from .runtime import DecodeBatch, ExportedModel, ExportError, Sampling, _log_softmax, _pick
+from .runtime import DecodeBatch, ExportedModel, ExportError, Sampling, log_softmax, pick_token
+
+MAX_BODY_BYTES = 1 << 20  # a request body beyond 1 MiB is refused before it is parsed
+# OpenAI completion fields this server does not implement, and the values that mean "off".
+UNSUPPORTED = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "logprobs": (None, 0),
+               "suffix": (None, ""), "logit_bias": (None, {})}
 
 
 @dataclass
@@ -180,7 +185,7 @@ class Engine:
                     job.emit(("error", f"the model could not score this input ({str(exc).splitlines()[0]})", 500))
                 continue
             self.metrics.count_pass(len(chunk))
-            probs = np.exp(_log_softmax(scores))  # over the labels: the sequence scores, normalised
+            probs = np.exp(log_softmax(scores))  # over the labels: the sequence scores, normalised
             for job, p in zip(chunk, probs):
                 job.emit(("labels", dict(zip(self.model.label_ids, (float(x) for x in p)))))
 
@@ -190,7 +195,7 @@ class Engine:
         for r, job in enumerate(rows):
             if job.cancelled:
                 continue
-            tok = _pick(logits[r].astype(np.float64), job.sampling, job.rng)
+            tok = pick_token(logits[r].astype(np.float64), job.sampling, job.rng)
             reason = self._emit_token(job, tok)
             if reason:
                 job.emit(("done", reason, len(job.out)))
@@ -293,7 +298,11 @@ class Server:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise RequestError("'seed' must be a non-negative integer")
+        for key, allowed in UNSUPPORTED.items():
+            if key in body and body[key] not in allowed:
+                raise RequestError(f"'{key}' is not supported by this server (leave it out)")
         return Sampling(max_new_tokens=max_tokens, temperature=float(_number(body, "temperature", 0.0, 0, 2)),
+                        top_k=_number(body, "top_k", 0, 0, 10**6, integer=True),
                         top_p=float(_number(body, "top_p", 1.0, 0, 1)), seed=seed, stop=tuple(stop))
 
     def jobs(self, kind: str, prompts: list[list[int]], sampling: Sampling) -> list[Job]:
@@ -413,7 +422,11 @@ def create_app(model: ExportedModel, options: ServeOptions | None = None, name: 
             start = time.perf_counter()
             server.metrics.requests[endpoint] = server.metrics.requests.get(endpoint, 0) + 1
             try:
-                raw = await request.body()
+                raw = b""
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > MAX_BODY_BYTES:
+                        raise RequestError(f"the body is larger than {MAX_BODY_BYTES >> 20} MiB", 413)
                 try:
                     body = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:

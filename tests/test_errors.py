@@ -309,11 +309,11 @@ def test_top_p_zero_keeps_the_most_likely_token(exported):
 def test_pick_with_top_p_zero_is_argmax():
     import numpy as np
 
-    from qprompt.runtime import Sampling, _pick
+    from qprompt.runtime import Sampling, pick_token
 
     logits = np.array([0.5, 2.0, 1.0])
     rng = np.random.default_rng(0)
-    assert {_pick(logits, Sampling(temperature=1.0, top_p=0.0), rng) for _ in range(20)} == {1}
+    assert {pick_token(logits, Sampling(temperature=1.0, top_p=0.0), rng) for _ in range(20)} == {1}
 
 
 # others -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from qprompt.cli import main
-from qprompt.runtime import DecodeBatch, ExportedModel, Sampling, _log_softmax
+from qprompt.runtime import DecodeBatch, ExportedModel, Sampling, log_softmax
 from qprompt.serve import ServeOptions, bind, create_app
 from tests.conftest import data_rows
 
@@ -160,7 +160,7 @@ def test_classify_returns_labels_with_their_probabilities(client, model):
     assert status == 200, body
     assert [d["label"] for d in body["data"]] == model.classify(rows)
     scores = model.label_scores([model.prompt_ids(r) for r in rows])
-    expected = np.exp(_log_softmax(scores))
+    expected = np.exp(log_softmax(scores))
     got = np.array([[d["probabilities"][lab] for lab in model.label_ids] for d in body["data"]])
     # The same rows in one batch; 1e-5 leaves room for float32 logits summed in another order (~1e-6 relative).
     np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -184,6 +184,9 @@ def test_classify_returns_labels_with_their_probabilities(client, model):
     ("/v1/completions", {"prompt": {"review": "a film"}}, 400, "lacks field 'text'"),
     ("/v1/completions", {"prompt": "great " * 400}, 400, "this export takes at most"),
     ("/v1/completions", {"prompt": "a film", "max_tokens": 250}, 400, "ask for at most"),
+    ("/v1/completions", {"prompt": "a film", "n": 3}, 400, "'n' is not supported"),
+    ("/v1/completions", {"prompt": "a film", "top_k": -1}, 400, "'top_k' must be between"),
+    ("/v1/completions", b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "larger than 1 MiB"),
     ("/v1/classify", {"text": "a film"}, 400, "no 'input'"),
     ("/v1/classify", {"input": "great " * 400}, 400, "this export takes at most"),
 ])
