@@ -49,7 +49,7 @@ def post(port: int, body: dict) -> tuple[int, dict]:
 
 
 def start(export: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "qprompt.cli", "serve", export, "--port", "0", "--max-batch", str(max_batch),
+    command = [sys.executable, str(ROOT / "cli.py"), "serve", export, "--port", "0", "--max-batch", str(max_batch),
                "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     banner = server.stderr.readline()
