@@ -406,7 +406,7 @@ def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device
     from .artifact import load_artifact
     from .data import Encoder, Example, template_fields
     from .evaluate import classify, generate_texts
-    from .methods import virtual_tokens
+    from .forward import virtual_tokens
 
     quiet_libraries()
     if raw and not prompt:

@@ -12,7 +12,7 @@ import torch
 
 from .config import RecipeConfig
 from .data import Encoder, Example, collate
-from .methods import base_of, greedy_generate, next_token_logprobs, target_logprobs, virtual_tokens
+from .forward import base_of, greedy_generate, next_token_logprobs, target_logprobs, virtual_tokens
 from .metrics import classification_metrics, rouge_l
 
 

@@ -27,14 +27,15 @@ from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
 from .errors import QPromptError
 from .evaluate import evaluate, main_metric
-from .methods import (
-    add_soft_prompt,
+from .forward import target_logprobs
+from .memory import (
     enable_gradient_checkpointing,
+    glibc,
     grouped_query_sdpa,
     lean_gated_mlp,
-    target_logprobs,
-    trainable_parameters,
+    return_freed_memory_to_the_os,
 )
+from .methods import add_soft_prompt, trainable_parameters
 from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
@@ -45,31 +46,6 @@ METRICS = "metrics.jsonl"
 # Every name training may create in --output, temporary ones included; nothing else there is ever touched.
 RUN_NAMES = frozenset({*ADAPTER_FILES, MANIFEST, MANIFEST + ".partial", METRICS, METRICS + ".partial", "loss.png",
                        ".best.partial", *CHECKPOINTS})
-
-
-def glibc():
-    """The C library when it is glibc (its malloc has the knobs below), else None."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def return_freed_memory_to_the_os() -> None:
-    """On glibc, serve allocations over 128 KiB with mmap, so a freed activation goes back to the OS at once.
-
-    By default glibc keeps freed heap memory for reuse: each step's activations (GBs at batch 16) then
-    leave the resident size at its high-water mark plus fragmentation. Measured on SmolLM2-135M nf4,
-    batch 16: resident size after a forward pass 4.8 GiB by default, 3.8 GiB with this (2.7 GiB of it
-    the activations autograd keeps), and back to 1.0 GiB after the backward instead of staying at 4.8.
-    The price is fresh pages (faulted in and zeroed) every step: ~30% fewer tokens/s there.
-    """
-    libc = glibc()
-    if libc is not None:  # not glibc: nothing to tune
-        libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
 
 
 def lr_lambda(cfg) -> callable:
