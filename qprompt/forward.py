@@ -20,7 +20,9 @@ def virtual_tokens(model) -> int:
 
 
 def is_prefix(model) -> bool:
-    """Prefix tuning learns keys/values for every layer; the other methods learn input embeddings."""
+    """Whether the soft prompt is a KV prefix (keys/values for every layer, as prefix tuning learns) rather than
+    input embeddings. PEFT's config type decides how its model runs; each registered method declares the same
+    in `exports_as` (tests/test_registry.py holds them to agree)."""
     return isinstance(model, PeftModel) and model.active_peft_config.peft_type == PeftType.PREFIX_TUNING
 
 
