@@ -56,7 +56,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
                    batch_size: int = 8) -> list[str]:
     """Greedy continuation of each prompt, in left-padded batches of similar length.
 
-    Positions count real tokens only (methods.greedy_generate), so a row's text does not depend on
+    Positions count real tokens only (forward.greedy_generate), so a row's text does not depend on
     what it was batched with.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
