@@ -38,6 +38,7 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     from qprompt.config import load_recipe, override
     from qprompt.data import demonstrations, read_rows
     from qprompt.evaluate import evaluate, main_metric
+    from qprompt.methods import get_method
     from qprompt.models import load_model
     from qprompt.train import train
 
@@ -50,12 +51,12 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
                       train__eval_every=0, train__eval_rows=200)  # one validation check, at the end
     if init:
         recipe.method.init = init
-    if name == "p-tuning" or variant == "mlp":
-        recipe.method.init = "random"  # encoders start from random weights (PEFT)
     if variant == "mlp":
         recipe.method.prefix_projection = True
     elif variant:
         recipe.method.encoder = variant
+    if kind == "soft" and not get_method(name).uses_init(recipe.method):
+        recipe.method.init = "random"  # encoders start from random weights (PEFT)
     test = read_rows(str(folder / "test.jsonl"))[:test_limit]
     train_rows = read_rows(str(folder / "train.jsonl"))
     metric = main_metric(recipe)
@@ -77,8 +78,7 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
                    train_seconds=data["training"]["wall_seconds"], steps=data["training"]["steps"],
                    settings={"virtual_tokens": recipe.method.virtual_tokens, "lr": recipe.train.lr,
                              "batch_size": recipe.train.batch_size, "init": recipe.method.init,
-                             **({"prefix_projection": True} if variant == "mlp" else {}),
-                             **({"encoder": recipe.method.encoder} if name == "p-tuning" else {})})
+                             **get_method(name).settings(recipe.method)})
     row.update(value=result[metric], total_seconds=round(time.perf_counter() - start, 1),
                peak_rss_gb=round(peak_rss_gb(), 2), **{k: v for k, v in result.items()
                                                       if k.startswith(("accuracy", "f1_", "macro", "rouge"))})
@@ -104,10 +104,11 @@ def write_table(rows: list[dict]) -> str:
 
 @click.command()
 @click.option("--tasks", default="sentiment,spam,nli", show_default=True)
-@click.option("--methods", default="prompt-tuning,p-tuning,prefix-tuning,prefix-tuning+mlp", show_default=True,
-              help="Methods; +mlp = prefix tuning through the MLP reparameterisation, +lstm = p-tuning's LSTM "
-                   "encoder, :INIT = an init other than the recipe's (prefix-tuning:random), @LR = a learning rate "
-                   "other than the recipe's (p-tuning@0.003).")
+@click.option("--methods", default=None,
+              help="Methods [default: every registered method, and prefix-tuning+mlp]; +mlp = prefix tuning "
+                   "through the MLP reparameterisation, +lstm = p-tuning's LSTM encoder, :INIT = an init other than "
+                   "the recipe's (prefix-tuning:random), @LR = a learning rate other than the recipe's "
+                   "(p-tuning@0.003).")
 @click.option("--quants", default="nf4,none", show_default=True)
 @click.option("--shots", default=4, show_default=True, help="k for the k-shot row.")
 @click.option("--max-steps", type=int, default=None, help="Override every recipe's steps.")
@@ -116,8 +117,11 @@ def write_table(rows: list[dict]) -> str:
 def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
     sys.path.insert(0, str(ROOT))
     from qprompt.cli import quiet_libraries
+    from qprompt.methods import method_names
 
     quiet_libraries()
+    if methods is None:
+        methods = ",".join([*method_names(), "prefix-tuning+mlp"])  # prefix tuning as Li & Liang wrote it, too
     if row_spec:  # child process: one row, written to its JSON file
         *spec, out = json.loads(row_spec)
         row = run_row(*spec)
@@ -167,9 +171,16 @@ def write_doc() -> None:
     """docs/results.md: every stored row (all runs so far), by task, then hard prompts, then methods."""
     rows = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
     tasks = list(FOLDERS)
-    methods = ["prompt-tuning", "p-tuning", "p-tuning+lstm", "prefix-tuning", "prefix-tuning+mlp"]
-    rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], (methods + [r["method"]]).index(r["method"]),
-                             r["method"], r.get("settings", {}).get("init", ""),
+    from qprompt.methods import method_names
+
+    names = method_names()
+
+    def method_rank(row: dict) -> int:  # the registry's order; a variant (+mlp) then sorts after its plain rows
+        base = row["method"].partition("+")[0]
+        return names.index(base) if base in names else len(names)
+
+    rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], method_rank(r), r["method"],
+                             r.get("settings", {}).get("init", ""),
                              r.get("settings", {}).get("lr", 0), r["quant"] != "nf4"))
     doc = ROOT / "docs" / "results.md"
     head = doc.read_text().split(TABLE_MARK)[0] if doc.exists() and TABLE_MARK in doc.read_text() else DOC_HEAD

@@ -9,3 +9,7 @@ import logging as _logging
 # it passes no gradient), so the advice does not apply; only that message is dropped.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+# The method registry first, so the built-in methods register in its order (the CLI's) even when a method's own
+# module is the first one imported.
+from . import methods as _methods  # noqa: E402, F401

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import QPromptError
+from .methods import METHODS, method_names, option_choices
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
 from .runtime import QUANTIZATIONS, ExportError
 
@@ -95,6 +96,26 @@ def main() -> None:
     """Train soft prompts on 4/8-bit LLMs, evaluate them, and ship them to the edge."""
 
 
+class MethodChoice(click.Choice):
+    """--method: one of the registered methods, read when the option is parsed (a method registered after
+    this module was imported is a choice too)."""
+
+    def __init__(self):
+        super().__init__(method_names())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(method_names())
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass  # click.Choice.__init__ sets it; the registry stays the source
+
+
+def _suggested_rates() -> str:
+    return ", ".join(f"{m.name} {m.suggested_lr:g}" for m in METHODS.values())
+
+
 # Options shared by the commands that load a base model.
 def model_options(fn):
     fn = click.option("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available).")(fn)
@@ -116,9 +137,9 @@ def model_options(fn):
 @click.option("--eval-data", type=str, default=None,
               help="Validation rows [default: held out from the training rows].")
 @model_options
-@click.option("--method", type=click.Choice(["prompt-tuning", "p-tuning", "prefix-tuning"]), default=None,
-              help="Soft-prompt method: prompt tuning, P-tuning (prompt encoder), prefix tuning.")
-@click.option("--encoder", type=click.Choice(["mlp", "lstm"]), default=None, help="P-tuning prompt encoder.")
+@click.option("--method", type=MethodChoice(), default=None,
+              help=f"Soft-prompt method: {', '.join(m.help for m in METHODS.values())}.")
+@click.option("--encoder", type=click.Choice(option_choices("encoder")), default=None, help="P-tuning prompt encoder.")
 @click.option("--prefix-projection/--no-prefix-projection", default=None,
               help="Prefix tuning: learn the prefix through an MLP, or directly (deep prompts).")
 @click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
@@ -130,7 +151,7 @@ def model_options(fn):
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=None,
               help="Peak learning rate [default: the recipe's; with a --method other than the recipe's, the rate "
-                   "measured to work for that method: 0.03, p-tuning 0.003].")
+                   f"measured to work for that method: {_suggested_rates()}].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward pass: much less memory, ~30% slower (see `qprompt plan`).")
 @click.option("--lean-memory/--no-lean-memory", default=None,
@@ -406,7 +427,7 @@ def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device
     from .artifact import load_artifact
     from .data import Encoder, Example, template_fields
     from .evaluate import classify, generate_texts
-    from .methods import virtual_tokens
+    from .forward import virtual_tokens
 
     quiet_libraries()
     if raw and not prompt:
@@ -442,8 +463,7 @@ def recipes(name):
               help="Alias, local folder, hub id (only its config.json is read) or an architecture preset "
                    "(llama-3-8b).")
 @click.option("--quant", type=click.Choice(QUANTS), default="nf4", show_default=True, help="Base quantization.")
-@click.option("--method", type=click.Choice(["prompt-tuning", "p-tuning", "prefix-tuning"]), default="prompt-tuning",
-              show_default=True, help="Soft-prompt method.")
+@click.option("--method", type=MethodChoice(), default="prompt-tuning", show_default=True, help="Soft-prompt method.")
 @click.option("--virtual-tokens", type=click.IntRange(1), default=100, show_default=True, help="Virtual tokens.")
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="Examples per micro-batch.")
 @click.option("--seq-len", type=click.IntRange(1), default=512, show_default=True,

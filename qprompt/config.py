@@ -20,6 +20,13 @@ from typing import Any
 import yaml
 
 from .errors import QPromptError
+from .methods import METHODS, method_names
+
+
+def _either(values) -> str:
+    """'a, b or c'."""
+    values = list(values)
+    return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -62,7 +69,7 @@ class TemplateConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("prompt-tuning", "soft-prompt method: prompt-tuning, p-tuning or prefix-tuning")
+    name: str = _f("prompt-tuning", f"soft-prompt method: {_either(method_names())}")
     virtual_tokens: int = _f(20, "number of learned virtual tokens")
     init: str = _f("text", "init of prompt tuning (embeddings) and prefix tuning without projection (the keys/values "
                    "the model computes for the tokens): text (instruction or init_text), labels (the label words), "
@@ -124,13 +131,14 @@ class RecipeConfig:
             raise QPromptError(f"recipe {self.name}: a classification recipe needs at least two 'labels'")
         if self.data.on_long not in ("truncate", "error"):
             raise QPromptError(f"recipe {self.name}: data.on_long must be truncate or error")
-        if self.method.name not in ("prompt-tuning", "p-tuning", "prefix-tuning"):
-            raise QPromptError(f"recipe {self.name}: method {self.method.name!r} must be prompt-tuning, p-tuning "
-                               "or prefix-tuning")
+        if self.method.name not in METHODS:
+            raise QPromptError(f"recipe {self.name}: method {self.method.name!r} must be {_either(method_names())}")
         if self.method.init not in ("text", "labels", "vocab", "random"):
             raise QPromptError(f"recipe {self.name}: method.init must be text, labels, vocab or random")
-        if self.method.encoder not in ("mlp", "lstm"):
-            raise QPromptError(f"recipe {self.name}: method.encoder must be mlp or lstm")
+        for method in METHODS.values():  # every recipe has every option: each holds one of its method's values
+            for option, allowed in method.options.items():
+                if getattr(self.method, option) not in allowed:
+                    raise QPromptError(f"recipe {self.name}: method.{option} must be {_either(allowed)}")
         if self.method.init == "labels" and not self.labels:
             raise QPromptError(f"recipe {self.name}: method.init=labels needs a classification recipe's labels")
         if self.method.init == "text" and not (self.method.init_text or self.template.instruction):

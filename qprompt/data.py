@@ -350,7 +350,7 @@ def collate(examples: list[Example], pad_id: int, with_target: bool = True,
             pad_left: bool = False) -> dict[str, torch.Tensor]:
     """A padded batch; `labels` holds the target ids at target positions and -100 elsewhere.
 
-    Positions come from the attention mask (methods.hidden_states), so either side gives the same
+    Positions come from the attention mask (forward.hidden_states), so either side gives the same
     scores; right padding (the default) keeps the last prompt token easy to find.
     """
     seqs = [e.prompt_ids + (e.target_ids if with_target else []) for e in examples]

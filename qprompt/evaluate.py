@@ -12,7 +12,7 @@ import torch
 
 from .config import RecipeConfig
 from .data import Encoder, Example, collate
-from .methods import base_of, greedy_generate, next_token_logprobs, target_logprobs, virtual_tokens
+from .forward import base_of, greedy_generate, next_token_logprobs, target_logprobs, virtual_tokens
 from .metrics import classification_metrics, rouge_l
 
 
@@ -56,7 +56,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
                    batch_size: int = 8) -> list[str]:
     """Greedy continuation of each prompt, in left-padded batches of similar length.
 
-    Positions count real tokens only (methods.greedy_generate), so a row's text does not depend on
+    Positions count real tokens only (forward.greedy_generate), so a row's text does not depend on
     what it was batched with.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

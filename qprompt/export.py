@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from . import __version__, owned
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
-from .methods import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
+from .forward import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
 from .plan import kv_shape
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
 

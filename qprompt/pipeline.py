@@ -79,14 +79,21 @@ def recipe_command(config_path: Path):
 
     import click
 
-    from .cli import QPromptCommand, check_output_file, check_output_folder, model_options, quiet_libraries
+    from .cli import (
+        MethodChoice,
+        QPromptCommand,
+        check_output_file,
+        check_output_folder,
+        model_options,
+        quiet_libraries,
+    )
     from .config import load_recipe_file, override
 
     @click.command(cls=QPromptCommand, help=f"Train the {config_path.stem} soft prompt and compare it with the "
                    "hand-written prompt on the test rows.")
     @click.option("--model", type=str, default=None, help="Base model [default: the recipe's].")
     @model_options
-    @click.option("--method", type=click.Choice(["prompt-tuning", "p-tuning", "prefix-tuning"]), default=None)
+    @click.option("--method", type=MethodChoice(), default=None)
     @click.option("--data", type=str, default=None, help="Training rows [default: the recipe's source].")
     @click.option("--eval-data", type=str, default=None, help="Validation rows [default: held out].")
     @click.option("--test-data", type=str, default=None, help="Test rows [default: held out from the source].")

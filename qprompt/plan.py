@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .methods import KV_PREFIX, get_method
+
 GIB = 1024**3
 # Llama-3-8B's architecture (its published config), for random-weight speed and memory runs.
 ARCHITECTURES = {
@@ -82,25 +84,9 @@ def load_config(model: str):
     return config
 
 
-def prompt_parameters(shape: Shape, method: str, virtual_tokens: int, encoder: str = "mlp",
-                      encoder_hidden: int | None = None, prefix_projection: bool = False) -> int:
-    """Trainable parameters of each method, as PEFT builds them."""
-    h, p = shape.hidden, virtual_tokens
-    kv_width = 2 * shape.layers * shape.kv_heads * shape.head_dim  # one key and one value per layer
-    if method == "prompt-tuning":
-        return p * h
-    if method == "p-tuning":
-        e = encoder_hidden or h
-        if encoder == "lstm":  # 2-layer bidirectional LSTM, then an MLP from 2e to the hidden size
-            lstm = 2 * 4 * (h * e + e * e + 2 * e) + 2 * 4 * (2 * e * e + e * e + 2 * e)
-            return p * h + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
-        return p * h + (h * e + e) + (e * e + e) + (e * h + h)
-    if method == "prefix-tuning":
-        if not prefix_projection:
-            return p * kv_width
-        e, token = encoder_hidden or 512, shape.kv_heads * shape.head_dim  # PEFT embeds at the key/value width
-        return p * token + (token * e + e) + (e * kv_width + kv_width)
-    raise ValueError(f"unknown method {method!r}")
+def prompt_parameters(shape: Shape, method: str, virtual_tokens: int, **options) -> int:
+    """Trainable parameters of a method, as PEFT builds them (options: encoder, encoder_hidden, prefix_projection)."""
+    return get_method(method).trainable_parameters(shape, virtual_tokens, **options)
 
 
 def activation_bytes(shape: Shape, batch: int, query_len: int, key_len: int, b: int,
@@ -145,7 +131,8 @@ def plan_memory(shape: Shape, quant: str, method: str, virtual_tokens: int, batc
     weights = linear * WEIGHT_BYTES.get(quant, b) + other * b
     prompt = prompt_parameters(shape, method, virtual_tokens, **method_options) * 16  # fp32 param, grad, 2 moments
 
-    prefix = method == "prefix-tuning"
+    # Virtual tokens are query positions when they are input embeddings; a KV prefix only adds keys.
+    prefix = get_method(method).exports_as == KV_PREFIX
     query_len = seq_len if prefix else seq_len + virtual_tokens
     key_len = seq_len + virtual_tokens
     per_layer, once = activation_bytes(shape, batch, query_len, key_len, b, grouped_kv=device == "cpu")

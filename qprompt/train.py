@@ -2,7 +2,8 @@
 
 Warm-up then cosine decay, gradient accumulation, periodic evaluation that keeps the best prompt,
 a metrics log and loss curve, and a checkpoint after every evaluation (written atomically) so an
-interrupted run continues with `--resume` exactly where it stopped.
+interrupted run continues with `--resume` exactly where it stopped. `train` runs a `Trainer`
+through its steps: setup, train (which evaluates and checkpoints), save.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,15 +28,17 @@ from .artifact import MANIFEST, manifest, read_checkpoint_state, write_json
 from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
 from .errors import QPromptError
-from .evaluate import evaluate, main_metric
-from .methods import (
-    add_soft_prompt,
+from .evaluate import evaluate as evaluate_rows
+from .evaluate import main_metric
+from .forward import target_logprobs
+from .memory import (
     enable_gradient_checkpointing,
+    glibc,
     grouped_query_sdpa,
     lean_gated_mlp,
-    target_logprobs,
-    trainable_parameters,
+    return_freed_memory_to_the_os,
 )
+from .methods import add_soft_prompt, trainable_parameters
 from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
@@ -45,31 +49,6 @@ METRICS = "metrics.jsonl"
 # Every name training may create in --output, temporary ones included; nothing else there is ever touched.
 RUN_NAMES = frozenset({*ADAPTER_FILES, MANIFEST, MANIFEST + ".partial", METRICS, METRICS + ".partial", "loss.png",
                        ".best.partial", *CHECKPOINTS})
-
-
-def glibc():
-    """The C library when it is glibc (its malloc has the knobs below), else None."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def return_freed_memory_to_the_os() -> None:
-    """On glibc, serve allocations over 128 KiB with mmap, so a freed activation goes back to the OS at once.
-
-    By default glibc keeps freed heap memory for reuse: each step's activations (GBs at batch 16) then
-    leave the resident size at its high-water mark plus fragmentation. Measured on SmolLM2-135M nf4,
-    batch 16: resident size after a forward pass 4.8 GiB by default, 3.8 GiB with this (2.7 GiB of it
-    the activations autograd keeps), and back to 1.0 GiB after the backward instead of staying at 4.8.
-    The price is fresh pages (faulted in and zeroed) every step: ~30% fewer tokens/s there.
-    """
-    libc = glibc()
-    if libc is not None:  # not glibc: nothing to tune
-        libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
 
 
 def lr_lambda(cfg) -> callable:
@@ -214,166 +193,227 @@ def plot_loss(output: Path) -> None:
 def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[str, list[dict]], output: str | Path,
           resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train the recipe's soft prompt on `model`; writes the artifact to `output`, returns its manifest."""
-    output = Path(output)
-    check_output(output, resume, overwrite)
-    cfg = recipe.train
-    # Every check on the data runs before the output folder is touched: a bad row leaves the old run whole.
-    encoder = Encoder(recipe, tokenizer, recipe.method.virtual_tokens)
-    train_examples = encoder.encode_all(splits["train"], "training data")
-    val_rows = splits["validation"][: cfg.eval_rows or None]
-    encoder.check_rows(val_rows, "validation data")
-    state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0, "seconds": 0.0,
-             "wall_seconds": 0.0, "recipe_digest": recipe.digest(), "fingerprint": info.fingerprint}
-    wall_start = time.perf_counter()
-    if resume:
-        saved = read_checkpoint_state(_checkpoint_dir(output) / "state.pt")  # weights_only: runs no code
-        if saved["recipe_digest"] != recipe.digest():
-            raise QPromptError(f"{output} was trained with different settings; resume with the same recipe and "
+    trainer = Trainer(recipe, tokenizer, info, splits, Path(output), progress)
+    trainer.setup(model, resume, overwrite)
+    trainer.train()
+    return trainer.save()
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last metrics line: their tokens, summed loss and when they began."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    loss_sum: float = 0.0
+    losses: int = 0
+
+
+class Trainer:
+    """One training run in the steps of a torchtune recipe: setup (data, prompt, optimizer, or a checkpoint's),
+    train (the step loop, which evaluates and checkpoints), evaluate, save (the manifest).
+
+    `state` is what a checkpoint holds besides the prompt, optimizer, scheduler and random streams."""
+
+    def __init__(self, recipe: RecipeConfig, tokenizer, info: ModelInfo, splits: dict[str, list[dict]], output: Path,
+                 progress: bool = True):
+        self.recipe, self.cfg, self.tokenizer, self.info = recipe, recipe.train, tokenizer, info
+        self.splits, self.output, self.progress = splits, output, progress
+        self.metric_name = main_metric(recipe)
+
+    def setup(self, model, resume: bool = False, overwrite: bool = False) -> None:
+        """Check the output folder and the data, then put the prompt on `model` and build its optimizer, both
+        restored from the last checkpoint when resuming; the output folder is touched only after every check."""
+        check_output(self.output, resume, overwrite)
+        self._encode_data()
+        self.state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0,
+                      "seconds": 0.0, "wall_seconds": 0.0, "recipe_digest": self.recipe.digest(),
+                      "fingerprint": self.info.fingerprint}
+        self.wall_start = time.perf_counter()
+        saved = self._read_checkpoint() if resume else None
+        prepare_output(self.output, resume, overwrite)
+        self._add_prompt(model, saved)
+        self._build_optimizer(saved)
+        owned.claim(self.output, METRICS)
+        self.metrics_file = open(self.output / METRICS, "a")
+
+    def _encode_data(self) -> None:
+        encoder = Encoder(self.recipe, self.tokenizer, self.recipe.method.virtual_tokens)
+        self.examples = encoder.encode_all(self.splits["train"], "training data")
+        self.val_rows = self.splits["validation"][: self.cfg.eval_rows or None]
+        encoder.check_rows(self.val_rows, "validation data")
+        self.batch_size = min(self.cfg.batch_size, len(self.examples))
+        self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
+
+    def _read_checkpoint(self) -> dict:
+        saved = read_checkpoint_state(_checkpoint_dir(self.output) / "state.pt")  # weights_only: runs no code
+        if saved["recipe_digest"] != self.recipe.digest():
+            raise QPromptError(f"{self.output} was trained with different settings; resume with the same recipe and "
                                "options (only --max-steps may change), or train into a new --output")
-        if saved["fingerprint"] != info.fingerprint:
-            raise QPromptError(f"{output} was trained on another base model; resume with the same --model")
-    else:
-        saved = None
-    prepare_output(output, resume, overwrite)
-    model = add_soft_prompt(model, recipe, info.path, cfg.seed)
-    if cfg.lean_memory and model.device.type == "cpu":
-        return_freed_memory_to_the_os()
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    lean_gated_mlp(model)  # same outputs and gradients, a third fewer MLP activations kept for backward
-    if saved is not None:
-        # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
-        model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
+        if saved["fingerprint"] != self.info.fingerprint:
+            raise QPromptError(f"{self.output} was trained on another base model; resume with the same --model")
+        return saved
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+    def _add_prompt(self, model, saved: dict | None) -> None:
+        self.model = model = add_soft_prompt(model, self.recipe, self.info.path, self.cfg.seed)
+        if self.cfg.lean_memory and model.device.type == "cpu":
+            return_freed_memory_to_the_os()
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        lean_gated_mlp(model)  # same outputs and gradients, a third fewer MLP activations kept for backward
+        if saved is not None:
+            # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
+            model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
+
+    def _build_optimizer(self, saved: dict | None) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
+        if saved is None:
+            return
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
-        state.update({k: saved[k] for k in state})
-        wall_start -= state["wall_seconds"]
-        log.info("resuming at step %d of %d", state["step"], cfg.max_steps)
-        drop_lines_after(output, state["step"])
+        self.state.update({k: saved[k] for k in self.state})
+        self.wall_start -= self.state["wall_seconds"]
+        log.info("resuming at step %d of %d", self.state["step"], self.cfg.max_steps)
+        drop_lines_after(self.output, self.state["step"])
 
-    batch_size = min(cfg.batch_size, len(train_examples))
-    metric_name = main_metric(recipe)
-    owned.claim(output, METRICS)
-    metrics_file = open(output / METRICS, "a")
-    pad = tokenizer.pad_token_id
+    def train(self) -> None:
+        """Steps up to max_steps, evaluating and checkpointing every eval_every steps and at the end. Ctrl-C
+        checkpoints at the start of the interrupted step and ends in a QPromptError that says how to resume."""
+        cfg, state = self.cfg, self.state
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not self.progress, desc="train", unit="step")
+        self.window = LogWindow()
+        resume_at = (state["epoch"], state["position"])
+        scope = contextlib.ExitStack()  # settings that hold for the training loop only
+        libc = None  # glibc, on CPU: its heap is trimmed after every step
+        if self.model.device.type == "cpu":
+            scope.enter_context(grouped_query_sdpa())
+            libc = glibc()
+        try:
+            while state["step"] < cfg.max_steps:
+                resume_at = (state["epoch"], state["position"])  # where an interrupted step restarts
+                self._step(libc)
+                bar.update(1)
+                if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+                    bar.set_postfix(self._log_window())
+                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or state["step"] == cfg.max_steps:
+                    value = self.evaluate()
+                    bar.write(f"step {state['step']}: validation {self.metric_name} {value:.4f} "
+                              f"(best {state['best']:.4f})")
+                    self._checkpoint()
+                    self.window.start = time.perf_counter()  # evaluation time is not training throughput
+        except KeyboardInterrupt:
+            state["epoch"], state["position"] = resume_at
+            self.optimizer.zero_grad(set_to_none=True)
+            self._checkpoint()
+            self._close_log()
+            raise QPromptError(f"interrupted at step {state['step']}; checkpoint saved in {self.output}/{CHECKPOINT}: "
+                               "continue with --resume") from None
+        finally:
+            bar.close()
+            scope.close()
+        self._close_log()
 
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch: int) -> list[int]:
+    def _step(self, libc) -> None:
+        """One optimizer step: grad_accum micro-batches forward and backward, then clip and update."""
+        cfg, state, window = self.cfg, self.state, self.window
+        step_start = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(self.model.device) for k, v in self._next_batch().items()}
+            logp, counts = target_logprobs(self.model, batch)
+            loss = -logp.sum() / counts.sum()
+            (loss / cfg.grad_accum).backward()
+            window.loss_sum, window.losses = window.loss_sum + loss.item(), window.losses + 1
+            n_tokens = int(batch["attention_mask"].sum())  # real tokens; virtual ones are not data
+            window.tokens += n_tokens
+            state["tokens"] += n_tokens
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if libc is not None:
+            # Hand the heap's free pages back to the OS: otherwise freed activations stay resident, and
+            # batches of other lengths carve up the freed space so the resident size creeps above one
+            # step's needs (SmolLM2-135M nf4, batch 16, 20 steps: peak RSS 4.97 GiB without, 4.42 with).
+            libc.malloc_trim(0)
+        state["step"] += 1
+        state["seconds"] += time.perf_counter() - step_start
+
+    def _epoch_order(self, epoch: int) -> list[int]:
         """A shuffled order in which each run of batch_size rows has similar lengths (less padding)."""
-        rng = random.Random(cfg.seed * 1000 + epoch)
-        order = list(range(len(train_examples)))
+        rng = random.Random(self.cfg.seed * 1000 + epoch)
+        order = list(range(len(self.examples)))
         rng.shuffle(order)
-        size, pool = batch_size, batch_size * 32
+        size, pool = self.batch_size, self.batch_size * 32
         groups = []
         for start in range(0, len(order), pool):  # sort within pools of 32 batches, then shuffle the batches
-            chunk = sorted(order[start : start + pool], key=lambda i: len(train_examples[i].prompt_ids))
+            chunk = sorted(order[start : start + pool], key=lambda i: len(self.examples[i].prompt_ids))
             groups += [chunk[j : j + size] for j in range(0, len(chunk) - size + 1, size)]
         rng.shuffle(groups)  # a last partial batch is dropped; the next epoch's shuffle covers its rows
         return [i for g in groups for i in g]
 
-    def next_batch():
-        order = epoch_order(state["epoch"])
-        if state["position"] + batch_size > len(order):
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        state = self.state
+        order = self.epoch_order(state["epoch"])
+        if state["position"] + self.batch_size > len(order):
             state["epoch"], state["position"] = state["epoch"] + 1, 0
-            order = epoch_order(state["epoch"])
-        picked = order[state["position"] : state["position"] + batch_size]
-        state["position"] += batch_size
-        return collate([train_examples[i] for i in picked], pad)
+            order = self.epoch_order(state["epoch"])
+        picked = order[state["position"] : state["position"] + self.batch_size]
+        state["position"] += self.batch_size
+        return collate([self.examples[i] for i in picked], self.tokenizer.pad_token_id)
 
-    def run_eval() -> float:
-        model.eval()
-        result = evaluate(model, tokenizer, recipe, val_rows, "validation data")
-        model.train()
-        value = float(result[metric_name])  # a plain float: state.pt must load with weights_only
-        record = {"step": state["step"], "eval": value, "metric": metric_name, "rows": len(val_rows)}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if state["best"] is None or value > state["best"]:
-            state["best"], state["best_step"] = value, state["step"]
-            save_best(model, output)
+    def _log_window(self) -> dict[str, str]:
+        """Write the metrics line of the steps since the last one; returns what the progress bar shows."""
+        window = self.window
+        elapsed = time.perf_counter() - window.start
+        record = {"step": self.state["step"], "loss": round(window.loss_sum / window.losses, 5),
+                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(window.tokens / elapsed, 1),
+                  "tokens": window.tokens, "seconds": round(elapsed, 3)}
+        self._write_metrics(record)
+        self.window = LogWindow()
+        return {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+
+    def _write_metrics(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def evaluate(self) -> float:
+        """The validation metric of the prompt now; a new best replaces the artifact's prompt."""
+        self.model.eval()
+        result = evaluate_rows(self.model, self.tokenizer, self.recipe, self.val_rows, "validation data")
+        self.model.train()
+        value = float(result[self.metric_name])  # a plain float: state.pt must load with weights_only
+        self._write_metrics({"step": self.state["step"], "eval": value, "metric": self.metric_name,
+                             "rows": len(self.val_rows)})
+        if self.state["best"] is None or value > self.state["best"]:
+            self.state["best"], self.state["best_step"] = value, self.state["step"]
+            save_best(self.model, self.output)
         return value
 
-    model.train()
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not progress, desc="train", unit="step")
-    window_tokens, window_start, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
-    resume_at = (state["epoch"], state["position"])
-    scope = contextlib.ExitStack()  # settings that hold for the training loop only
-    libc = None  # glibc, on CPU: its heap is trimmed after every step
-    if model.device.type == "cpu":
-        scope.enter_context(grouped_query_sdpa())
-        libc = glibc()
-    try:
-        while state["step"] < cfg.max_steps:
-            step_start = time.perf_counter()
-            resume_at = (state["epoch"], state["position"])  # where an interrupted step restarts
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(model.device) for k, v in next_batch().items()}
-                logp, counts = target_logprobs(model, batch)
-                loss = -logp.sum() / counts.sum()
-                (loss / cfg.grad_accum).backward()
-                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-                n_tokens = int(batch["attention_mask"].sum())  # real tokens; virtual ones are not data
-                window_tokens += n_tokens
-                state["tokens"] += n_tokens
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if libc is not None:
-                # Hand the heap's free pages back to the OS: otherwise freed activations stay resident, and
-                # batches of other lengths carve up the freed space so the resident size creeps above one
-                # step's needs (SmolLM2-135M nf4, batch 16, 20 steps: peak RSS 4.97 GiB without, 4.42 with).
-                libc.malloc_trim(0)
-            state["step"] += 1
-            state["seconds"] += time.perf_counter() - step_start
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": state["step"], "loss": round(loss_sum / loss_n, 5),
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / elapsed, 1),
-                          "tokens": window_tokens, "seconds": round(elapsed, 3)}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_tokens, window_start, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
-            at_eval = cfg.eval_every and state["step"] % cfg.eval_every == 0
-            if at_eval or state["step"] == cfg.max_steps:
-                value = run_eval()
-                bar.write(f"step {state['step']}: validation {metric_name} {value:.4f} (best {state['best']:.4f})")
-                state["wall_seconds"] = time.perf_counter() - wall_start
-                save_checkpoint(model, optimizer, scheduler, state, output)
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-    except KeyboardInterrupt:
-        state["epoch"], state["position"] = resume_at
-        optimizer.zero_grad(set_to_none=True)
-        state["wall_seconds"] = time.perf_counter() - wall_start
-        save_checkpoint(model, optimizer, scheduler, state, output)
-        metrics_file.close()
-        plot_loss(output)
-        raise QPromptError(f"interrupted at step {state['step']}; checkpoint saved in {output}/{CHECKPOINT}: "
-                           "continue with --resume") from None
-    finally:
-        bar.close()
-        scope.close()
-    metrics_file.close()
-    plot_loss(output)
+    def _checkpoint(self) -> None:
+        self.state["wall_seconds"] = time.perf_counter() - self.wall_start
+        save_checkpoint(self.model, self.optimizer, self.scheduler, self.state, self.output)
 
-    training = {"steps": state["step"], "best_step": state["best_step"], "seconds": round(state["seconds"], 1),
-                "wall_seconds": round(time.perf_counter() - wall_start, 1),
-                "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-                "trainable_parameters": trainable_parameters(model), "train_rows": len(train_examples),
-                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
-    metrics = {f"validation_{metric_name}": state["best"], "validation_rows": len(val_rows)}
-    fields = template_fields(recipe.template.prompt) + [recipe.data.label_field]
-    samples = [{f: row[f] for f in fields} for row in splits["validation"][:4]]
-    data = manifest(info, recipe, metrics, training, samples)
-    owned.claim(output, MANIFEST, MANIFEST + ".partial")
-    write_json(output / MANIFEST, data)
-    return data
+    def _close_log(self) -> None:
+        self.metrics_file.close()
+        plot_loss(self.output)
+
+    def save(self) -> dict:
+        """Write the artifact's manifest (its prompt is the best one, saved at evaluation) and return it."""
+        cfg, state = self.cfg, self.state
+        training = {"steps": state["step"], "best_step": state["best_step"], "seconds": round(state["seconds"], 1),
+                    "wall_seconds": round(time.perf_counter() - self.wall_start, 1), "tokens": state["tokens"],
+                    "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+                    "trainable_parameters": trainable_parameters(self.model), "train_rows": len(self.examples),
+                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+        metrics = {f"validation_{self.metric_name}": state["best"], "validation_rows": len(self.val_rows)}
+        fields = template_fields(self.recipe.template.prompt) + [self.recipe.data.label_field]
+        samples = [{f: row[f] for f in fields} for row in self.splits["validation"][:4]]
+        data = manifest(self.info, self.recipe, metrics, training, samples)
+        owned.claim(self.output, MANIFEST, MANIFEST + ".partial")
+        write_json(self.output / MANIFEST, data)
+        return data

@@ -13,7 +13,7 @@ from qprompt.data import Encoder, load_splits
 from qprompt.errors import QPromptError
 from qprompt.evaluate import classify
 from qprompt.export import export
-from qprompt.methods import greedy_generate
+from qprompt.forward import greedy_generate
 from qprompt.models import load_model
 from qprompt.runtime import ExportedModel, ExportError, Sampling
 from qprompt.train import train

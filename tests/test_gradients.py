@@ -14,7 +14,9 @@ from qprompt.config import load_recipe, override
 from qprompt.data import Encoder, collate
 from qprompt.errors import QPromptError
 from qprompt.evaluate import evaluate
-from qprompt.methods import add_soft_prompt, base_of, lean_gated_mlp, target_logprobs
+from qprompt.forward import base_of, target_logprobs
+from qprompt.memory import lean_gated_mlp
+from qprompt.methods import add_soft_prompt
 from qprompt.models import load_model
 
 METHODS = ["prompt-tuning", "p-tuning", "prefix-tuning"]

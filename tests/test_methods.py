@@ -9,7 +9,8 @@ import torch
 from qprompt.config import load_recipe, override
 from qprompt.data import Encoder, Example, collate
 from qprompt.evaluate import classify, generate_texts
-from qprompt.methods import add_soft_prompt, greedy_generate, is_prefix, next_token_logprobs, target_logprobs
+from qprompt.forward import greedy_generate, is_prefix, next_token_logprobs, target_logprobs
+from qprompt.methods import add_soft_prompt
 from qprompt.models import load_model
 
 METHODS = ["prompt-tuning", "p-tuning", "prefix-tuning"]
@@ -106,7 +107,7 @@ def _close_gradients(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activations(tiny_model_dir, method):
-    from qprompt.methods import enable_gradient_checkpointing
+    from qprompt.memory import enable_gradient_checkpointing
 
     def grads_and_saved(checkpointing):
         torch.manual_seed(0)
@@ -133,7 +134,7 @@ def test_memory_savers_give_the_same_gradients_with_fewer_saved_bytes(tiny_model
     """The training-time memory savers change what autograd keeps, never the loss or the gradients."""
     from transformers.activations import ACT2FN
 
-    from qprompt.methods import enable_gradient_checkpointing, grouped_query_sdpa, lean_gated_mlp
+    from qprompt.memory import enable_gradient_checkpointing, grouped_query_sdpa, lean_gated_mlp
 
     def grads_and_saved(on):
         torch.manual_seed(0)
@@ -179,7 +180,7 @@ def test_memory_savers_give_the_same_gradients_with_fewer_saved_bytes(tiny_model
 def test_lean_gated_mlp_leaves_other_mlps_alone():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from qprompt.methods import lean_gated_mlp
+    from qprompt.memory import lean_gated_mlp
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     assert lean_gated_mlp(model) == 0
@@ -192,7 +193,7 @@ def test_prefix_tuning_starts_from_the_keys_and_values_of_real_tokens(tiny_model
     base, tok, info = load_model(str(tiny_model_dir), "none")
     model = add_soft_prompt(base, recipe, info.path)
     # The same tokens through the bare model give the keys/values the prefix must hold.
-    from qprompt.methods import init_token_ids
+    from qprompt.prefix_tuning import init_token_ids
 
     ids = init_token_ids(recipe.method, recipe, info.path, base.config.vocab_size)
     ids = (ids * 5)[:5]

@@ -13,7 +13,9 @@ from transformers import AutoConfig
 
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
-from qprompt.methods import add_soft_prompt, grouped_query_sdpa, lean_gated_mlp, target_logprobs, trainable_parameters
+from qprompt.forward import target_logprobs
+from qprompt.memory import grouped_query_sdpa, lean_gated_mlp
+from qprompt.methods import add_soft_prompt, trainable_parameters
 from qprompt.models import load_model
 from qprompt.plan import ARCHITECTURES, Shape, activation_bytes, advise, plan_memory, prompt_parameters
 

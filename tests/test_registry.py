@@ -1,0 +1,91 @@
+"""The method registry: a method registered in one place is a CLI choice, passes config validation and `plan`,
+trains and exports; an unknown name is one clear error; every method's declarations match what PEFT builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qprompt import prompt_tuning
+from qprompt.cli import main
+from qprompt.config import load_recipe, override
+from qprompt.errors import QPromptError
+from qprompt.export import export
+from qprompt.forward import is_prefix
+from qprompt.methods import (
+    EMBEDDING_PREFIX,
+    KV_PREFIX,
+    METHODS,
+    SoftPromptMethod,
+    add_soft_prompt,
+    get_method,
+    register,
+    trainable_parameters,
+)
+from qprompt.models import load_model
+from qprompt.plan import Shape
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def new_method():
+    """A method as a newcomer adds one: a module's worth of declarations and one `register` call (here prompt
+    tuning's config and count under a new name, with its own learning rate)."""
+    method = register(SoftPromptMethod(
+        name="test-tuning", help="prompt tuning again", peft_config=prompt_tuning.peft_config, suggested_lr=0.05,
+        exports_as=EMBEDDING_PREFIX, trainable_parameters=prompt_tuning.trainable_parameters,
+    ))
+    yield method
+    del METHODS[method.name]
+
+
+def test_a_registered_method_is_a_choice_that_plans_trains_and_exports(new_method, tiny_model_dir, sentiment_files,
+                                                                      tmp_path):
+    planned = run("plan", "--model", tiny_model_dir, "--method", "test-tuning", "--device", "cpu")
+    assert planned.exit_code == 0, planned.output
+    assert "test-tuning (100 virtual tokens)" in planned.output
+    out = tmp_path / "art"
+    trained = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--method", "test-tuning",
+                  "--data", sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 1,
+                  "--batch-size", 4, "--eval-every", 0, "--quant", "none", "--virtual-tokens", 4, "--output", out)
+    assert trained.exit_code == 0, trained.output
+    recipe = json.loads((out / "qprompt.json").read_text())["recipe"]
+    assert recipe["method"]["name"] == "test-tuning" and recipe["train"]["lr"] == 0.05  # its own suggested rate
+    data = export(out, tmp_path / "export", parity_tokens=2)
+    assert data["source"]["method"] == "test-tuning" and data["num_virtual_tokens"] == 4
+    assert data["parity"]["greedy_tokens_equal"]
+
+
+def test_an_unknown_method_is_one_clear_error(tmp_path):
+    with pytest.raises(QPromptError, match="unknown method 'nope': use one of prompt-tuning, p-tuning, prefix-tuning"):
+        get_method("nope")
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: t\ntask: generation\nmethod: {name: nope, init: random}\n")
+    result = run("train", "--config", config, "--model", "/no/such/model-folder")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines() == [
+        "error: recipe t: method 'nope' must be prompt-tuning, p-tuning or prefix-tuning"]
+    assert run("plan", "--method", "nope").exit_code == 2  # click names the choices
+
+
+def test_a_name_is_registered_once(new_method):
+    with pytest.raises(ValueError, match="already registered"):
+        register(new_method)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_declares_what_peft_builds(tiny_model_dir, name):
+    """`exports_as` must be how the forward pass and the export run its PEFT model; `trainable_parameters`, the
+    count `plan` uses, must be what PEFT trains."""
+    method = get_method(name)
+    recipe = override(load_recipe("sentiment"), method__name=name, method__virtual_tokens=5, method__init="random")
+    base, _, info = load_model(str(tiny_model_dir), "none")
+    model = add_soft_prompt(base, recipe, info.path)
+    assert is_prefix(model) == (method.exports_as == KV_PREFIX)
+    assert method.trainable_parameters(Shape.of(base.config), 5) == trainable_parameters(model)
+    assert method.suggested_lr > 0
