@@ -193,7 +193,7 @@ def test_prefix_tuning_starts_from_the_keys_and_values_of_real_tokens(tiny_model
     base, tok, info = load_model(str(tiny_model_dir), "none")
     model = add_soft_prompt(base, recipe, info.path)
     # The same tokens through the bare model give the keys/values the prefix must hold.
-    from qprompt.prefix_tuning import init_token_ids
+    from qprompt.methods.prefix_tuning import init_token_ids
 
     ids = init_token_ids(recipe.method, recipe, info.path, base.config.vocab_size)
     ids = (ids * 5)[:5]

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from qprompt import prompt_tuning
+from qprompt.methods import prompt_tuning
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.errors import QPromptError

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import QPromptError
+from ..errors import QPromptError
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from .config import MethodConfig, RecipeConfig
+    from ..config import MethodConfig, RecipeConfig
 
 # How a method's prompt enters the frozen decoder; the forward pass and the export follow it.
 EMBEDDING_PREFIX = "embedding prefix"  # virtual token embeddings in front of the real ones
@@ -102,7 +102,7 @@ def add_soft_prompt(model, recipe: RecipeConfig, tokenizer_path: str, seed: int 
     import torch
     from peft import get_peft_model
 
-    from .models import keep_4bit_layers_trainable
+    from ..models import keep_4bit_layers_trainable
 
     method = get_method(recipe.method.name)
     keep_4bit_layers_trainable(model)  # also for a model loaded by the caller: an initialise hook may run it

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import QPromptError
-from .methods import KV_PREFIX, SoftPromptMethod, init_text, register
+from ..errors import QPromptError
+from . import KV_PREFIX, SoftPromptMethod, init_text, register
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from .config import MethodConfig, RecipeConfig
-    from .plan import Shape
+    from ..config import MethodConfig, RecipeConfig
+    from ..plan import Shape
 
 
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
@@ -71,7 +71,7 @@ def init_prefix_from_tokens(model: PeftModel, token_ids: list[int]) -> None:
     """
     import torch
 
-    from .forward import cache_of, virtual_tokens
+    from ..forward import cache_of, virtual_tokens
 
     n = virtual_tokens(model)
     ids = (token_ids * (n // len(token_ids) + 1))[:n]

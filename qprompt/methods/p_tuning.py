@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .methods import EMBEDDING_PREFIX, SoftPromptMethod, register
+from . import EMBEDDING_PREFIX, SoftPromptMethod, register
 
 if TYPE_CHECKING:
-    from .config import MethodConfig, RecipeConfig
-    from .plan import Shape
+    from ..config import MethodConfig, RecipeConfig
+    from ..plan import Shape
 
 # method.encoder -> PEFT's PromptEncoderReparameterizationType
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .methods import EMBEDDING_PREFIX, SoftPromptMethod, init_text, register
+from . import EMBEDDING_PREFIX, SoftPromptMethod, init_text, register
 
 if TYPE_CHECKING:
-    from .config import MethodConfig, RecipeConfig
-    from .plan import Shape
+    from ..config import MethodConfig, RecipeConfig
+    from ..plan import Shape
 
 # method.init -> PEFT's PromptTuningInit; labels is text too (the label words).
 PEFT_INIT = {"text": "TEXT", "labels": "TEXT", "vocab": "SAMPLE_VOCAB", "random": "RANDOM"}
