@@ -127,6 +127,87 @@ def model_options(fn):
     return fn
 
 
+# The main job's options (`qprompt job` and every recipe script): the recipe's YAML gives the defaults.
+def job_options(default_output: str):
+    def apply(fn):
+        options = [
+            click.option("--model", type=str, default=None, help="Base model [default: the recipe's]."),
+            model_options,
+            click.option("--method", type=MethodChoice(), default=None, help="Soft-prompt method [default: the "
+                         "recipe's]."),
+            click.option("--data", type=str, default=None, help="Training rows [default: the recipe's source]."),
+            click.option("--eval-data", type=str, default=None, help="Validation rows [default: held out]."),
+            click.option("--test-data", type=str, default=None,
+                         help="Test rows [default: held out from the source]."),
+            click.option("--test-limit", type=click.IntRange(1), default=None,
+                         help="Score only the first N test rows."),
+            click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps."),
+            click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens."),
+            click.option("--lr", type=float, default=None, help="Peak learning rate [default: the recipe's; for "
+                         f"another --method, the rate measured for it: {_suggested_rates()}]."),
+            click.option("--output", type=click.Path(file_okay=False), default=default_output, show_default=True,
+                         help="Artifact folder."),
+            click.option("--resume", is_flag=True, help="Continue an interrupted run in --output."),
+            click.option("--overwrite", is_flag=True, help="Train again even if --output holds a trained prompt."),
+            click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+                         help="Write the results."),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
+         virtual_tokens, lr, output, resume, overwrite, json_out):
+    """The recipe with the options' overrides, and the job's options; both checked before any work."""
+    from .config import override
+    from .methods import learning_rate_for
+    from .pipeline import JobOptions
+
+    quiet_libraries()
+    check_output_file(json_out, "--json")
+    check_output_folder(output, "--output")
+    recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
+                      method__virtual_tokens=virtual_tokens, train__lr=learning_rate_for(method, recipe, lr))
+    return recipe, JobOptions(output, data, eval_data, test_data, test_limit, resume, overwrite, compute_dtype,
+                              device, json_out)
+
+
+def recipe_script(config_path: Path):
+    """Turn a recipe script's `main(recipe, job) -> result` into its command line: the YAML at `config_path` gives
+    the defaults, the job options override them, and the result's comparison table is printed."""
+
+    def wrap(steps):
+        @click.command(cls=QPromptCommand, help=f"Train the {config_path.stem} soft prompt and compare it with the "
+                       "hand-written prompt on the test rows.")
+        @job_options(f"runs/{config_path.stem}")
+        def command(**options):
+            from .config import load_recipe_file
+            from .pipeline import report_lines
+
+            recipe, job = _job(load_recipe_file(config_path), **options)
+            click.echo("\n".join(report_lines(steps(recipe, job))))
+
+        return command
+
+    return wrap
+
+
+@main.command()
+@click.argument("recipe_name", metavar="RECIPE")
+@job_options("runs/job")
+def job(recipe_name, **options):
+    """The main job: train RECIPE's soft prompt (a name from `qprompt recipes` or a YAML file), then compare it with
+    the hand-written prompt on the same test rows. `python recipes/NAME.py` runs the same steps."""
+    from .config import load_recipe
+    from .pipeline import report_lines, train_and_compare
+
+    recipe, job_ = _job(load_recipe(recipe_name), **options)
+    click.echo("\n".join(report_lines(train_and_compare(recipe, job_))))
+
+
 @main.command()
 @click.option("--model", "model_name", type=str, default=None,
               help=f"Base model: alias ({', '.join(ALIASES)}), hub id or local folder [default: the recipe's].")

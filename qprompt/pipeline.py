@@ -1,62 +1,114 @@
-"""The main job, as one function: train a recipe's soft prompt, then score it and the hard-prompt
-baseline on the same held-out rows. Recipe scripts call this; so can your own code.
+"""The main job, in steps: read a recipe's data, score the hand-written prompt, train the soft prompt,
+score it on the same held-out rows. `train_and_compare` runs them all (`qprompt job`); the recipe
+scripts call the steps one by one, so each reads as its task's job. No command-line code here.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifact import MANIFEST, load_artifact, read_manifest
 from .config import RecipeConfig
 from .data import check_recipe_rows, check_splits, load_splits, read_rows
 from .evaluate import evaluate, main_metric
-from .methods import learning_rate_for
 from .models import load_model
 from .train import train
 
 log = logging.getLogger("qprompt")
 
 
-def train_and_compare(recipe: RecipeConfig, output: str | Path, data: str | None = None,
-                      eval_data: str | None = None, test_data: str | None = None, resume: bool = False,
-                      overwrite: bool = False, compute_dtype: str | None = None, device: str | None = None,
-                      test_limit: int | None = None) -> dict:
-    """Returns {"baseline": metrics, "soft_prompt": metrics, "training": ...} on the test rows.
+@dataclass
+class JobOptions:
+    """Where the job reads and writes, and how it runs; the recipe holds everything about the task."""
 
-    A finished artifact already in `output` is evaluated again rather than retrained (unless
-    `overwrite`), so running the main job twice never throws away a trained prompt.
-    """
-    output = Path(output)
-    splits = load_splits(recipe, data, eval_data)
-    if test_data:
-        test, where = read_rows(test_data), test_data
+    output: str | Path = "runs/job"  # the artifact folder
+    data: str | None = None  # training rows [default: the recipe's source]
+    eval_data: str | None = None  # validation rows [default: held out from the training rows]
+    test_data: str | None = None  # test rows [default: the recipe's test split, else the validation rows]
+    test_limit: int | None = None  # score only the first N test rows
+    resume: bool = False  # continue an interrupted run in `output`
+    overwrite: bool = False  # train again even if `output` holds a trained prompt
+    compute_dtype: str | None = None
+    device: str | None = None
+    json_out: str | None = None  # also write the results here
+
+
+@dataclass
+class JobData:
+    splits: dict[str, list[dict]]  # train / validation (/ test) rows
+    test: list[dict]  # the rows both prompts are scored on
+    where: str  # what the test rows are, for messages
+
+
+def load_job_data(recipe: RecipeConfig, job: JobOptions) -> JobData:
+    """The splits and the test rows, every row checked now: a bad one fails in a second, not after the model load."""
+    splits = load_splits(recipe, job.data, job.eval_data)
+    if job.test_data:
+        test, where = read_rows(job.test_data), job.test_data
     elif "test" in splits:
         test, where = splits["test"], f"{recipe.name} test rows"
     else:  # user files without a test file: score on the validation rows, and say so
         log.warning("no test rows given (--test-data): reporting on the validation rows")
-        test, where = splits["validation"], eval_data or data  # the file the rows' line numbers refer to
-    test = test[:test_limit] if test_limit else test
-    # Every row is checked now: a bad one fails in a second, not after the model load (which checks the tokenizer).
-    check_splits(recipe, splits, data, eval_data)
+        test, where = splits["validation"], job.eval_data or job.data  # the file the rows' line numbers refer to
+    test = test[: job.test_limit] if job.test_limit else test
+    check_splits(recipe, splits, job.data, job.eval_data)
     check_recipe_rows(recipe, test, where)
+    return JobData(splits, test, where)
 
-    model, tokenizer, info = load_model(recipe.model, recipe.quant, compute_dtype, device)
-    log.info("hard-prompt baseline on %d test rows", len(test))
-    baseline = evaluate(model, tokenizer, recipe, test, where, hard_prompt=True)
 
-    if (output / MANIFEST).is_file() and not overwrite and not resume:
+def load_base(recipe: RecipeConfig, job: JobOptions):
+    """(model, tokenizer, info) of the recipe's base, quantized as the recipe says."""
+    return load_model(recipe.model, recipe.quant, job.compute_dtype, job.device)
+
+
+def score_hard_prompt(model, tokenizer, recipe: RecipeConfig, data: JobData) -> dict:
+    """The base with the recipe's hand-written instruction and no soft prompt."""
+    log.info("hard-prompt baseline on %d test rows", len(data.test))
+    return evaluate(model, tokenizer, recipe, data.test, data.where, hard_prompt=True)
+
+
+def train_or_reuse(recipe: RecipeConfig, model, tokenizer, info, data: JobData, job: JobOptions) -> None:
+    """Train the soft prompt into `job.output`; a finished one already there is kept (unless `overwrite`), so
+    running the job twice never throws away a trained prompt."""
+    output = Path(job.output)
+    if (output / MANIFEST).is_file() and not job.overwrite and not job.resume:
         log.info("%s already holds a trained soft prompt: evaluating it (pass --overwrite to train again)", output)
-    else:
-        log.info("training %s: %d rows, %d validation rows", recipe.method.name, len(splits["train"]),
-                 len(splits["validation"]))
-        train(recipe, model, tokenizer, info, splits, output, resume=resume, overwrite=overwrite)
-    del model
-    tuned_model, tokenizer, tuned_recipe, _ = load_artifact(output, recipe.model, recipe.quant, compute_dtype, device)
-    log.info("soft prompt on %d test rows", len(test))
-    tuned = evaluate(tuned_model, tokenizer, tuned_recipe, test, where)
-    return {"metric": main_metric(recipe), "baseline": baseline, "soft_prompt": tuned,
-            "training": read_manifest(output)["training"], "output": str(output)}
+        return
+    log.info("training %s: %d rows, %d validation rows", recipe.method.name, len(data.splits["train"]),
+             len(data.splits["validation"]))
+    train(recipe, model, tokenizer, info, data.splits, output, resume=job.resume, overwrite=job.overwrite)
+
+
+def score_artifact(recipe: RecipeConfig, data: JobData, job: JobOptions) -> dict:
+    """The trained prompt in `job.output`, loaded on its base, on the test rows."""
+    model, tokenizer, tuned_recipe, _ = load_artifact(job.output, recipe.model, recipe.quant, job.compute_dtype,
+                                                      job.device)
+    log.info("soft prompt on %d test rows", len(data.test))
+    return evaluate(model, tokenizer, tuned_recipe, data.test, data.where)
+
+
+def report(recipe: RecipeConfig, baseline: dict, tuned: dict, job: JobOptions) -> dict:
+    """The comparison as a dict (written to `job.json_out` too, without per-row predictions)."""
+    result = {"metric": main_metric(recipe), "baseline": baseline, "soft_prompt": tuned,
+              "training": read_manifest(job.output)["training"], "output": str(job.output)}
+    if job.json_out:
+        slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
+                for k, v in result.items()}
+        Path(job.json_out).write_text(json.dumps(slim, indent=1) + "\n")
+    return result
+
+
+def train_and_compare(recipe: RecipeConfig, job: JobOptions) -> dict:
+    """The whole job: {"baseline": metrics, "soft_prompt": metrics, "training": ...} on the same test rows."""
+    data = load_job_data(recipe, job)
+    model, tokenizer, info = load_base(recipe, job)
+    baseline = score_hard_prompt(model, tokenizer, recipe, data)
+    train_or_reuse(recipe, model, tokenizer, info, data, job)
+    del model  # the artifact is loaded on a fresh base: exactly what a user of the artifact gets
+    return report(recipe, baseline, score_artifact(recipe, data, job), job)
 
 
 def report_lines(result: dict) -> list[str]:
@@ -71,56 +123,3 @@ def report_lines(result: dict) -> list[str]:
         f"{t['tokens_per_s']:.0f} tokens/s, {t['trainable_parameters']} trainable parameters; "
         f"artifact: {result['output']}",
     ]
-
-
-def recipe_command(config_path: Path):
-    """The command line of a recipe script: its YAML gives the defaults, options override them."""
-    import json as _json
-
-    import click
-
-    from .cli import (
-        MethodChoice,
-        QPromptCommand,
-        check_output_file,
-        check_output_folder,
-        model_options,
-        quiet_libraries,
-    )
-    from .config import load_recipe_file, override
-
-    @click.command(cls=QPromptCommand, help=f"Train the {config_path.stem} soft prompt and compare it with the "
-                   "hand-written prompt on the test rows.")
-    @click.option("--model", type=str, default=None, help="Base model [default: the recipe's].")
-    @model_options
-    @click.option("--method", type=MethodChoice(), default=None)
-    @click.option("--data", type=str, default=None, help="Training rows [default: the recipe's source].")
-    @click.option("--eval-data", type=str, default=None, help="Validation rows [default: held out].")
-    @click.option("--test-data", type=str, default=None, help="Test rows [default: held out from the source].")
-    @click.option("--test-limit", type=click.IntRange(1), default=None, help="Score only the first N test rows.")
-    @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
-    @click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens.")
-    @click.option("--lr", type=float, default=None,
-                  help="Peak learning rate [default: the recipe's; for another --method, the rate measured for it].")
-    @click.option("--output", type=click.Path(file_okay=False), default=f"runs/{config_path.stem}",
-                  show_default=True, help="Artifact folder.")
-    @click.option("--resume", is_flag=True, help="Continue an interrupted run in --output.")
-    @click.option("--overwrite", is_flag=True, help="Train again even if --output holds a trained prompt.")
-    @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results.")
-    def main(model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
-             virtual_tokens, lr, output, resume, overwrite, json_out):
-        quiet_libraries()
-        check_output_file(json_out, "--json")
-        check_output_folder(output, "--output")
-        recipe = load_recipe_file(config_path)
-        recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
-                          method__virtual_tokens=virtual_tokens, train__lr=learning_rate_for(method, recipe, lr))
-        result = train_and_compare(recipe, output, data, eval_data, test_data, resume, overwrite, compute_dtype,
-                                   device, test_limit)
-        click.echo("\n".join(report_lines(result)))
-        if json_out:
-            slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
-                    for k, v in result.items()}
-            Path(json_out).write_text(_json.dumps(slim, indent=1) + "\n")
-
-    return main

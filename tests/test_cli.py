@@ -190,3 +190,23 @@ def test_constraints_pin_every_dependency_inside_its_declared_range():
         assert version is not None, f"{spec.name} is declared but not pinned in constraints.txt"
         assert spec.specifier.contains(version), f"{spec.name}=={version} is outside {spec}"
         assert any(s.operator in ("<", "<=", "==") for s in spec.specifier), f"{spec.name} has no upper bound"
+
+
+def test_the_main_job_as_a_command_and_as_a_recipe_script(tiny_model_dir, sentiment_files, tmp_path):
+    """`qprompt job` and `recipes/sentiment.py` run the same steps: the same table, and the second run reuses the
+    trained prompt instead of training again."""
+    from qprompt.recipes.sentiment import main as sentiment_script
+
+    options = ["--model", tiny_model_dir, "--quant", "none", "--data", sentiment_files["train"], "--eval-data",
+               sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 2,
+               "--virtual-tokens", 4, "--output", tmp_path / "job", "--json", tmp_path / "job.json"]
+    first = run("job", "sentiment", *options)
+    assert first.exit_code == 0, first.output
+    table = [line for line in first.output.splitlines() if line.startswith(("hard prompt", "soft prompt"))]
+    assert len(table) == 2 and all(line.rstrip().endswith(" 32") for line in table)  # 32 test rows each
+    result = json.loads((tmp_path / "job.json").read_text())
+    assert result["training"]["steps"] == 2 and result["soft_prompt"]["rows"] == 32
+    again = CliRunner().invoke(sentiment_script, [str(a) for a in options])
+    assert again.exit_code == 0, again.output
+    assert [line for line in again.output.splitlines() if line.startswith(("hard prompt", "soft prompt"))] == table
+    assert json.loads((tmp_path / "job.json").read_text())["training"] == result["training"]  # reused, not retrained

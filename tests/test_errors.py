@@ -214,10 +214,9 @@ def test_json_into_a_missing_folder_fails_before_the_work(artifact, exported, se
 
 
 def recipe_script():
-    from qprompt.config import recipes_dir
-    from qprompt.pipeline import recipe_command
+    from qprompt.recipes.sentiment import main
 
-    return recipe_command(recipes_dir() / "sentiment.yaml")
+    return main
 
 
 def test_recipe_script_checks_json_and_data_before_the_model_load(tmp_path):

@@ -8,7 +8,6 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from qprompt.methods import prompt_tuning
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.errors import QPromptError
@@ -21,6 +20,7 @@ from qprompt.methods import (
     SoftPromptMethod,
     add_soft_prompt,
     get_method,
+    prompt_tuning,
     register,
     trainable_parameters,
 )
