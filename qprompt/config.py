@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import string
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,6 +20,7 @@ import yaml
 
 from .errors import QPromptError
 from .methods import METHODS, method_names
+from .templates import template_fields  # noqa: F401  (callers import it from here too)
 
 
 def _either(values) -> str:
@@ -176,10 +176,6 @@ _RANGES = [
     ("train.log_every", 1, None),
 ]
 
-
-def template_fields(template: str) -> list[str]:
-    """The {field} names a template fills, in order."""
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
 def from_dict(cls, data: dict, where: str):

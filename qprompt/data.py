@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DataConfig, RecipeConfig, SourceConfig, template_fields
+from .config import DataConfig, RecipeConfig, SourceConfig
 from .errors import QPromptError
 from .sources import fetch_package, read_member
+from .templates import Template, chat_wrap_of, template_fields
 
 if TYPE_CHECKING:  # imported in collate(): `qprompt run` reads rows through this module without torch
     import torch
@@ -252,6 +253,12 @@ class Example:
     label: str | None  # the row's label (classification) or reference text (generation)
 
 
+def template_of(recipe: RecipeConfig, tokenizer) -> Template:
+    """The recipe's template as `tokenizer` renders it: chat-wrapped where the recipe asks and the tokenizer can."""
+    t = recipe.template
+    return Template(t.prompt, t.instruction, t.target, chat_wrap_of(tokenizer) if t.chat else None)
+
+
 class Encoder:
     """Turns rows into token ids with the recipe's template, the same way for training and scoring."""
 
@@ -261,7 +268,8 @@ class Encoder:
         self.demonstrations = demonstrations or []  # k-shot examples put before hard prompts
         self.tokenizer = tokenizer
         self.virtual_tokens = virtual_tokens
-        self.fields = template_fields(recipe.template.prompt)
+        self.template = template_of(recipe, tokenizer)
+        self.fields = self.template.fields
         limit = getattr(tokenizer, "model_max_length", None) or 10**9
         self.max_length = min(recipe.data.max_length, limit)
         # The prompt's closing text (e.g. "\nSentiment:") survives truncation: it tells the model what to do.
@@ -273,20 +281,11 @@ class Encoder:
         } if recipe.task == "classification" else {}
 
     def _target_ids(self, text: str) -> list[int]:
-        return self.tokenizer(self.recipe.template.target.format(label=text), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.template.target_text(text), add_special_tokens=False)["input_ids"]
 
     def prompt_text(self, row: dict, hard_prompt: bool = False) -> str:
-        template = self.recipe.template
-        body = template.prompt.format(**{f: row[f] for f in self.fields})
-        if hard_prompt:
-            shots = [template.prompt.format(**{f: d[f] for f in self.fields})
-                     + template.target.format(label=self._word(d)) for d in self.demonstrations]
-            body = "\n\n".join(([template.instruction] if template.instruction else []) + shots + [body])
-        if self.recipe.template.chat and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
-            )
-        return body
+        shots = [(d, self._word(d)) for d in self.demonstrations] if hard_prompt else []
+        return self.template.text(row, hard_prompt, shots)
 
     def _word(self, row: dict) -> str:
         label = str(row[self.recipe.data.label_field])
@@ -299,7 +298,7 @@ class Encoder:
     def prompt_ids(self, row: dict, hard_prompt: bool = False, reserve: int = 0) -> list[int]:
         """Token ids of the templated prompt, truncated to leave `reserve` tokens for the target."""
         text = self.prompt_text(row, hard_prompt)
-        prompt_ids = self.tokenizer(text, add_special_tokens=not self.recipe.template.chat)["input_ids"]
+        prompt_ids = self.tokenizer(text, add_special_tokens=self.template.add_special_tokens)["input_ids"]
         budget = self.max_length - self.virtual_tokens - reserve
         if len(prompt_ids) > budget:
             if self.recipe.data.on_long == "error" or budget <= self.tail_tokens:

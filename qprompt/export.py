@@ -34,6 +34,7 @@ from .errors import QPromptError
 from .forward import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
 from .plan import kv_shape
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
+from .templates import real_positions
 
 log = logging.getLogger("qprompt")
 BNB4 = ("nf4", "fp4")  # bitsandbytes 4-bit formats, reproduced exactly from the quantized base
@@ -68,7 +69,7 @@ class MergedPromptDecoder(torch.nn.Module):
         cache = DynamicCache()
         cache.layers = layers
         full_mask = torch.cat([attention_mask.new_ones((batch, self.num_virtual)), attention_mask], dim=1)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -length:] + self.num_virtual
+        positions = real_positions(attention_mask, self.num_virtual)[:, -length:]
         # The prefix goes to every attention call as a keyword (transformers passes extra keywords down).
         prefix = [(getattr(self, f"prefix_key_t_{i}"), getattr(self, f"prefix_value_{i}"))
                   for i in range(self.num_layers)] if self.num_virtual else None

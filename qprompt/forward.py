@@ -14,6 +14,8 @@ import torch
 from peft import PeftModel, PeftType
 from transformers import DynamicCache
 
+from .templates import real_positions
+
 
 def virtual_tokens(model) -> int:
     return model.active_peft_config.num_virtual_tokens if isinstance(model, PeftModel) else 0
@@ -70,7 +72,7 @@ def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     n_virtual = virtual_tokens(model)
     # Each real token's position counts only the real tokens before it, after the virtual ones: left
     # or right padding gives every row the positions it has alone (and that the ONNX export uses).
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + n_virtual
+    positions = real_positions(attention_mask, n_virtual)
     mask = torch.cat([attention_mask.new_ones((batch, n_virtual)), attention_mask], dim=1)
     if is_prefix(model):  # the learned keys/values, read by every layer
         prefix = [(layer.keys, layer.values) for layer in model.get_prompt(batch_size=batch).layers]
