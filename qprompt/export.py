@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicLayer
 from . import __version__, owned
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
+from .genai import GENAI_CONFIG, genai_config
 from .methods import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
 from .plan import kv_shape
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
@@ -377,6 +378,9 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
                                    **agreement(fp32_runtime, quantized, prompts)}
             data["model_file"], data["quantization"] = name, quantize
         data["seconds"] = round(time.perf_counter() - start, 1)
+        # onnxruntime-genai runs the folder as it is (qprompt/genai.py): its config names the final model_file.
+        write_json(tmp / GENAI_CONFIG, genai_config(data, base.config.model_type, base.config.hidden_size,
+                                                    base.config.num_attention_heads, tokenizer.bos_token_id))
         write_json(tmp / EXPORT_MANIFEST, data)
         install_export(tmp, output)
     except BaseException:
