@@ -419,10 +419,11 @@ def portable_base(base: dict) -> dict:
 
 def _earlier_export(output: Path, names: set[str]) -> set[str]:
     """The names an earlier export in `output` wrote: its record, or (written before records) its manifest's
-    files plus the names this export writes, all of which the old all-in-one export wrote too."""
+    files plus the names this export writes that the old all-in-one export wrote too (not genai_config.json,
+    which only exports with a record write: one in a folder without a record is the user's)."""
     if owned.has_record(output):
         return owned.owned(output)
-    files = {EXPORT_MANIFEST, *names}
+    files = {EXPORT_MANIFEST, *(names - {GENAI_CONFIG})}
     with contextlib.suppress(OSError, ValueError, AttributeError):
         old = json.loads((output / EXPORT_MANIFEST).read_text())
         files |= {f for name in old.get("files", {}) for f in (name, name + ".data")}

@@ -236,3 +236,23 @@ def test_model_type_is_the_base_type_where_genai_knows_it_as_a_plain_decoder(int
         assert genai_generate(model, np.array([prompt], dtype=np.int32), NEW_TOKENS)[0] == expected, model_type
     with pytest.raises(RuntimeError, match="Unsupported model_type"):
         genai_model(int8_export, "model.onnx", "my_new_arch")
+
+
+def test_a_users_genai_config_beside_an_export_from_before_records_is_kept(tmp_path):
+    """An export from before `.qprompt-files` never wrote genai_config.json: one there is the user's."""
+    from qprompt.errors import QPromptError
+    from qprompt.export import install_export
+
+    output, new = tmp_path / "export", tmp_path / ".export.partial"
+    output.mkdir()
+    new.mkdir()
+    (output / "qprompt-export.json").write_text(json.dumps({"files": {"model.onnx": {}}}))
+    (output / GENAI_CONFIG).write_text("{}  # hand-written")
+    for name in ("qprompt-export.json", "model.onnx", GENAI_CONFIG):
+        (new / name).write_text("new")
+    with pytest.raises(QPromptError, match=f"holds {GENAI_CONFIG}, which qprompt did not write"):
+        install_export(new, output)
+    assert (output / GENAI_CONFIG).read_text() == "{}  # hand-written"
+    (output / GENAI_CONFIG).unlink()  # moved away: the export installs, its config with it
+    install_export(new, output)
+    assert (output / GENAI_CONFIG).read_text() == "new" and GENAI_CONFIG in owned(output)
