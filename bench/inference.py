@@ -13,12 +13,20 @@ each classifying the shared test split; reports the accuracy of each, how often 
 full-precision fp32 graph, and how often with the nf4 weights the prompt was trained against (the
 nf4 export's fp32 graph, which passes parity against the bitsandbytes PyTorch model).
 
+ORT GenAI (--parts genai, alone): the same request through onnxruntime-genai, which runs the export folders
+unchanged (genai_config.json): (i) the soft-prompt export against the bare one, both in ORT GenAI; (ii) ORT
+GenAI against qprompt's runtime (ExportedModel.generate_ids) and PEFT + PyTorch (qprompt's cached greedy loop,
+greedy_generate: PEFT's own generate mis-decodes soft prompts on transformers 5.24), each through its user-level
+API; and label scoring of --genai-rows test rows, ORT GenAI's next-token logits against ExportedModel.classify.
+
     python bench/inference.py --artifact runs/bench-sentiment [--rows 2000]
+    python bench/inference.py --parts genai --out bench/results/inference-genai.json
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -88,6 +96,54 @@ def onnx_timers(runtime, prompt_ids, new_tokens) -> dict:
     return {"first": prefill, "decode": decode}
 
 
+def genai_timers(model, prompt_ids, new_tokens) -> dict:
+    """ORT GenAI as an application drives it: a generator per request, the prompt appended, tokens generated.
+    min_length = max_length: exactly n tokens, whether or not EOS comes first."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    x = np.array([prompt_ids], dtype=np.int32)
+
+    def gen(n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt_ids) + n, min_length=len(prompt_ids) + n)
+        generator = og.Generator(model, params)
+        generator.append_tokens(x)
+        while not generator.is_done():
+            generator.generate_next_token()
+
+    return {"first": lambda: gen(1), "full": lambda: gen(new_tokens + 1)}
+
+
+def runtime_timers(runtime, prompt_ids, new_tokens) -> dict:
+    """qprompt's runtime through its API (generate_ids: padding, cache, token choice), EOS off: exactly n tokens."""
+    from qprompt.runtime import Sampling
+
+    def gen(n):
+        eos, runtime.eos_ids = runtime.eos_ids, set()
+        try:
+            runtime.generate_ids([prompt_ids], Sampling(max_new_tokens=n))
+        finally:
+            runtime.eos_ids = eos
+
+    return {"first": lambda: gen(1), "full": lambda: gen(new_tokens + 1)}
+
+
+def greedy_timers(model, prompt_ids, new_tokens) -> dict:
+    """PEFT + PyTorch through qprompt's cached greedy loop; the virtual tokens run through the model on every
+    request, as in PEFT's generate. No stop tokens: exactly n tokens."""
+    import torch
+
+    from qprompt.forward import greedy_generate
+
+    x = torch.tensor([prompt_ids])
+
+    def gen(n):
+        greedy_generate(model, x, torch.ones_like(x), n, [], pad_id=0)
+
+    return {"first": lambda: gen(1), "full": lambda: gen(new_tokens + 1)}
+
+
 @click.command()
 @click.option("--artifact", default="runs/bench-sentiment", show_default=True, help="Trained sentiment artifact.")
 @click.option("--virtual-tokens", default=100, show_default=True)
@@ -98,8 +154,9 @@ def onnx_timers(runtime, prompt_ids, new_tokens) -> dict:
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "inference.json"), show_default=True)
 @click.option("--reuse", is_flag=True, help="Latency: reuse the prompt and graphs already in --work.")
 @click.option("--parts", default="latency,agreement", show_default=True,
-              help="Which parts to run; results merge into an existing --out file.")
-def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, reuse, parts):
+              help="Which parts to run (latency, agreement, genai); results merge into an existing --out file.")
+@click.option("--genai-rows", default=400, show_default=True, help="Test rows ORT GenAI and qprompt classify.")
+def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, reuse, parts, genai_rows):
     sys.path.insert(0, str(ROOT))
     from qprompt.cli import quiet_libraries
 
@@ -114,6 +171,8 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, re
         latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse)
     if "agreement" in parts:
         agreement_part(results, artifact, rows, work)
+    if "genai" in parts:
+        genai_part(results, virtual_tokens, new_tokens, repeats, genai_rows, work, reuse)
     show(results)
     from machine import describe
 
@@ -123,15 +182,15 @@ def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, re
     click.echo(f"wrote {json_out}")
 
 
-def latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse=False):
-    from qprompt.artifact import load_artifact
+def latency_exports(virtual_tokens, work, reuse=False, graphs=GRAPHS) -> list[int]:
+    """The latency prompt, its export (`graphs`) and the bare base's; kept with --reuse. Returns the request's ids."""
     from qprompt.config import load_recipe_file, override
     from qprompt.data import load_splits, read_rows
     from qprompt.export import export, quantize_graph
+    from qprompt.genai import GENAI_CONFIG
     from qprompt.models import load_model
     from qprompt.runtime import ExportedModel
     from qprompt.train import train
-
 
     # A 100-virtual-token prompt for latency (one training step: values do not change speed).
     recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), quant="none",
@@ -143,15 +202,23 @@ def latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse=False
         model, tok, info = load_model(recipe.model, "none")
         train(recipe, model, tok, info, splits, work / "latency-artifact", overwrite=True, progress=False)
 
-    if not (reuse and all((work / "latency" / graph_file(q)).exists() for q in GRAPHS)):
+    # Exports older than genai_config.json are made again.
+    needed = [work / "latency" / graph_file(q) for q in graphs] + [work / f / GENAI_CONFIG for f in ("latency", "bare")]
+    if not (reuse and all(path.exists() for path in needed)):
         export(work / "latency-artifact", work / "latency", overwrite=True)
-        for q in GRAPHS[1:]:
+        for q in graphs[1:]:
             quantize_graph(work / "latency" / "model.onnx", work / "latency" / f"model.{q}.onnx", q)
         export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe)
-
-    peft_model, tok, _, _ = load_artifact(work / "latency-artifact", quant="none")
     text = read_rows(str(DATA / "test.jsonl"))[0]
-    prompt_ids = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"]).prompt_ids(text)
+    return ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"]).prompt_ids(text)
+
+
+def latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse=False):
+    from qprompt.artifact import load_artifact
+    from qprompt.runtime import ExportedModel
+
+    prompt_ids = latency_exports(virtual_tokens, work, reuse)
+    peft_model, tok, _, _ = load_artifact(work / "latency-artifact", quant="none")
     results["prompt_tokens"] = len(prompt_ids)
     # Rows that are compared with each other are timed in turn, and only they are loaded: every ONNX
     # Runtime session keeps its own thread pool, whose workers spin for a while after each run.
@@ -210,6 +277,135 @@ def agreement_part(results, artifact, rows, work):
     results.pop("int8_agreement_with_fp32", None)  # from the earlier, int8-dynamic-only version of this part
 
 
+def genai_part(results, virtual_tokens, new_tokens, repeats, rows, work, reuse=False):
+    """ORT GenAI on the latency exports: against the bare export, qprompt's runtime and PyTorch; label scoring."""
+    import onnxruntime_genai as og
+    import torch
+
+    from qprompt.artifact import load_artifact
+    from qprompt.data import read_rows
+    from qprompt.forward import greedy_generate
+    from qprompt.runtime import ExportedModel, Sampling
+
+    prompt_ids = latency_exports(virtual_tokens, work, reuse, graphs=("fp32",))
+    results["prompt_tokens"] = len(prompt_ids)
+    load_before = os.getloadavg()  # this machine is shared: the load says whether a run was disturbed
+    soft, bare = og.Model(str(work / "latency")), og.Model(str(work / "bare"))
+    # ORT GenAI's default thread pool is half the logical CPUs (1 on this 2-core VM); ORT's own default, which
+    # qprompt's runtime keeps, is the physical cores (2 here). A third row gives ORT GenAI ORT's default (0).
+    config = og.Config(str(work / "latency"))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 0}}}}))
+    soft_ort_threads = og.Model(config)
+    runtime = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"])
+    text = read_rows(str(DATA / "test.jsonl"))[0]
+    checks = {"tokenizer_ids_equal": genai_ids(soft, runtime.manifest["template"]["prompt"].format(**text))
+              == prompt_ids}
+    # The same greedy tokens from all three (EOS on), before anything is timed.
+    peft_model, _, _, _ = load_artifact(work / "latency-artifact", quant="none")
+    x = torch.tensor([prompt_ids])
+    torch_new = greedy_generate(peft_model, x, torch.ones_like(x), new_tokens, sorted(runtime.eos_ids), 0)[0]
+    runtime_new = runtime.generate_ids([prompt_ids], Sampling(max_new_tokens=new_tokens))[0]
+    genai_new = genai_greedy(soft, prompt_ids, new_tokens)
+    checks["greedy_tokens_equal"] = genai_new == runtime_new == [t for t in torch_new if t not in runtime.eos_ids]
+    checks["greedy_tokens"] = len(genai_new)
+
+    medians = interleaved_medians({
+        "ORT GenAI, soft-prompt export": genai_timers(soft, prompt_ids, new_tokens),
+        "ORT GenAI, bare export": genai_timers(bare, prompt_ids, new_tokens),
+        "ORT GenAI, soft-prompt export, ORT's thread default": genai_timers(soft_ort_threads, prompt_ids, new_tokens),
+        "qprompt runtime (ExportedModel)": runtime_timers(runtime, prompt_ids, new_tokens)}, repeats)
+    # PyTorch last, alone: its OpenMP threads keep spinning after each call.
+    medians.update(interleaved_medians({"PEFT + PyTorch (greedy_generate)": greedy_timers(peft_model, prompt_ids,
+                                                                                         new_tokens)}, repeats))
+    latency = {row: {"ttft": round(m["first"] * 1e3, 2),
+                     "per_token": round((m["full"] - m["first"]) / new_tokens * 1e3, 2)} for row, m in medians.items()}
+    results["genai"] = {"latency_ms": latency, "checks": checks,
+                        "genai_default_threads": min(16, max(1, (os.cpu_count() or 2) // 2)),
+                        "loadavg_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+                        "classification": genai_classification(soft, runtime, rows, repeats)}
+
+
+def genai_ids(model, text: str) -> list[int]:
+    import onnxruntime_genai as og
+
+    tokenizer = og.Tokenizer(model)
+    tokenizer.update_options(add_special_tokens="true")  # as qprompt encodes (a no-op for SmolLM2: no BOS)
+    return [int(t) for t in tokenizer.encode(text)]
+
+
+def genai_greedy(model, prompt_ids, new_tokens) -> list[int]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt_ids], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    eos = set(og.Tokenizer(model).eos_token_ids)
+    new = [int(t) for t in generator.get_sequence(0)[len(prompt_ids):]]
+    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+
+def genai_label_batch(model, prompts, label_ids) -> list[int]:
+    """ORT GenAI has no scoring call, but a generator exposes the next-token logits after the prompt: enough
+    for labels of one token each. Right-padded, as ORT GenAI batches."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    width = max(map(len, prompts))
+    batch = np.full((len(prompts), width), og.Tokenizer(model).pad_token_id, dtype=np.int32)
+    for i, p in enumerate(prompts):
+        batch[i, : len(p)] = p
+    params = og.GeneratorParams(model)
+    params.set_search_options(batch_size=len(prompts), max_length=width + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(batch)
+    logits = np.asarray(generator.get_logits()).reshape(len(prompts), -1)
+    return logits[:, label_ids].argmax(axis=1).tolist()
+
+
+def genai_classification(model, runtime, rows, repeats, batch_size=16) -> dict:
+    """Label scoring of `rows` test rows in batches of 16: ORT GenAI's logits against ExportedModel.classify."""
+    from qprompt.data import read_rows
+
+    test_rows = read_rows(str(DATA / "test.jsonl"))[:rows]
+    labels = list(runtime.label_ids)
+    if any(len(runtime.label_ids[lab]) != 1 for lab in labels):
+        return {"skipped": "a label has more than one token: ORT GenAI exposes only the next token's logits"}
+    label_ids = [runtime.label_ids[lab][0] for lab in labels]
+    prompts = [runtime.prompt_ids(r) for r in test_rows]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # as classify batches: similar lengths
+    prompts = [prompts[i] for i in order]
+    predictions = {}
+
+    def genai():
+        picks = []
+        for start in range(0, len(prompts), batch_size):
+            picks += genai_label_batch(model, prompts[start : start + batch_size], label_ids)
+        predictions["genai"] = [labels[k] for k in picks]
+
+    def qprompt():
+        predictions["qprompt"] = runtime.classify([test_rows[i] for i in order], batch_size=batch_size)
+
+    seconds = interleaved_medians({"classify": {"ORT GenAI": genai, "qprompt runtime": qprompt}}, repeats)["classify"]
+    same = sum(a == b for a, b in zip(predictions["genai"], predictions["qprompt"]))
+    return {"rows": len(prompts), "batch_size": batch_size, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "labels_equal": same / len(prompts)}
+
+
+def show_genai(g):
+    lat = g["latency_ms"]
+    click.echo(f"\n{'ORT GenAI':<54}{'TTFT ms':>10}{'per token ms':>14}")
+    for k, v in lat.items():
+        click.echo(f"{k:<54}{v['ttft']:>10.1f}{v['per_token']:>14.1f}")
+    soft, bare = lat["ORT GenAI, soft-prompt export"], lat["ORT GenAI, bare export"]
+    click.echo(f"soft prompt over bare base in ORT GenAI: TTFT {soft['ttft'] / bare['ttft'] - 1:+.1%}, "
+               f"per token {soft['per_token'] / bare['per_token'] - 1:+.1%}")
+    click.echo(f"checks: {g['checks']}; classification: {g['classification']}")
+
+
 def show_latency(lat):
     bare_ms = lat["(c) bare base ONNX fp32"]
     click.echo(f"{'':<34}{'TTFT ms':>10}{'per token ms':>14}")
@@ -225,6 +421,10 @@ def show(results):
     lat = results.get("latency_ms", {})
     if "(b) qprompt ONNX fp32" in lat:  # absent until the latency part has run with this version
         show_latency(lat)
+    if "genai" in results:
+        show_genai(results["genai"])
+    if not results.get("classification"):
+        return
     click.echo(f"\n{'graph':<22}{'MB':>7}{'accuracy':>10}{'= fp32':>9}{'= nf4 w':>9}{'seconds':>9}")
     for name, m in results.get("classification", {}).items():
         click.echo(f"{name:<22}{m['mb']:>7.0f}{m['accuracy']:>10.4f}{m['agreement_with_fp32']:>9.2%}"

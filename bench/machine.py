@@ -11,8 +11,8 @@ import platform
 
 # Flags that pick different kernels in torch, bitsandbytes or onnxruntime.
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "onnxruntime", "onnxruntime-gpu", "onnx",
-            "onnxscript", "numpy", "tokenizers")
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "onnxruntime", "onnxruntime-gpu",
+            "onnxruntime-genai", "onnx", "onnxscript", "numpy", "tokenizers")
 
 
 def cpu() -> dict:

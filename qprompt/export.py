@@ -32,6 +32,7 @@ from . import __version__, owned
 from .artifact import load_artifact, write_json
 from .errors import QPromptError
 from .forward import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
+from .genai import GENAI_CONFIG, genai_config
 from .plan import kv_shape
 from .runtime import EXPORT_FORMAT, EXPORT_MANIFEST, QUANTIZATIONS, ExportedModel, Sampling
 from .templates import real_positions
@@ -378,6 +379,9 @@ def export(artifact: str | Path | None, output: str | Path, quantize: str = "non
                                    **agreement(fp32_runtime, quantized, prompts)}
             data["model_file"], data["quantization"] = name, quantize
         data["seconds"] = round(time.perf_counter() - start, 1)
+        # onnxruntime-genai runs the folder as it is (qprompt/genai.py): its config names the final model_file.
+        write_json(tmp / GENAI_CONFIG, genai_config(data, base.config.model_type, base.config.hidden_size,
+                                                    base.config.num_attention_heads, tokenizer.bos_token_id))
         write_json(tmp / EXPORT_MANIFEST, data)
         install_export(tmp, output)
     except BaseException:
@@ -416,10 +420,11 @@ def portable_base(base: dict) -> dict:
 
 def _earlier_export(output: Path, names: set[str]) -> set[str]:
     """The names an earlier export in `output` wrote: its record, or (written before records) its manifest's
-    files plus the names this export writes, all of which the old all-in-one export wrote too."""
+    files plus the names this export writes that the old all-in-one export wrote too (not genai_config.json,
+    which only exports with a record write: one in a folder without a record is the user's)."""
     if owned.has_record(output):
         return owned.owned(output)
-    files = {EXPORT_MANIFEST, *names}
+    files = {EXPORT_MANIFEST, *(names - {GENAI_CONFIG})}
     with contextlib.suppress(OSError, ValueError, AttributeError):
         old = json.loads((output / EXPORT_MANIFEST).read_text())
         files |= {f for name in old.get("files", {}) for f in (name, name + ".data")}
