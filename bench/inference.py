@@ -298,7 +298,7 @@ def genai_part(results, virtual_tokens, new_tokens, repeats, rows, work, reuse=F
     soft_ort_threads = og.Model(config)
     runtime = ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"])
     text = read_rows(str(DATA / "test.jsonl"))[0]
-    checks = {"tokenizer_ids_equal": genai_ids(soft, runtime.manifest["template"]["prompt"].format(**text))
+    checks = {"tokenizer_ids_equal": genai_ids(soft, runtime.task().template.prompt.format(**text))
               == prompt_ids}
     # The same greedy tokens from all three (EOS on), before anything is timed.
     peft_model, _, _, _ = load_artifact(work / "latency-artifact", quant="none")
@@ -371,8 +371,8 @@ def genai_classification(model, runtime, rows, repeats, batch_size=16) -> dict:
     from qprompt.data import read_rows
 
     test_rows = read_rows(str(DATA / "test.jsonl"))[:rows]
-    labels = list(runtime.label_ids)
-    if any(len(runtime.label_ids[lab]) != 1 for lab in labels):
+    labels = list(runtime.label_ids())
+    if any(len(runtime.label_ids()[lab]) != 1 for lab in labels):
         return {"skipped": "a label has more than one token: ORT GenAI exposes only the next token's logits"}
     label_ids = [runtime.label_ids[lab][0] for lab in labels]
     prompts = [runtime.prompt_ids(r) for r in test_rows]

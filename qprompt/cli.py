@@ -302,15 +302,17 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Rows per forward pass.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the metrics and predictions to this JSON file.")
+@click.option("--task", type=str, default=None, help="With an export of several tasks: which one to score.")
 def eval_command(artifact, data, baseline, model_name, recipe, config, quant, compute_dtype, device, shots,
-                 train_data, limit, batch_size, json_out):
+                 train_data, limit, batch_size, json_out, task):
     """Score a soft prompt (ARTIFACT) or the hard-prompt baseline on labelled rows."""
     check_output_file(json_out, "--json")
     if artifact and (Path(artifact) / "qprompt-export.json").is_file():
         if baseline or model_name or quant or recipe or config:
             raise QPromptError("an export folder carries its own model, prompt and recipe: drop "
                                "--baseline/--model/--quant/--recipe/--config")
-        return _eval_export(artifact, data, limit, batch_size, json_out)  # ONNX Runtime only: torch is not imported
+        # ONNX Runtime only: torch is not imported
+        return _eval_export(artifact, data, limit, batch_size, json_out, task)
     from .artifact import load_artifact, read_manifest, recipe_of
     from .config import load_recipe
     from .data import check_recipe_rows, demonstrations, load_splits, read_rows
@@ -350,32 +352,33 @@ def eval_command(artifact, data, baseline, model_name, recipe, config, quant, co
         Path(json_out).write_text(json.dumps({"what": what, **metrics}, indent=1) + "\n")
 
 
-def _eval_export(folder, data, limit, batch_size, json_out):
+def _eval_export(folder, data, limit, batch_size, json_out, task=None):
     """`qprompt eval EXPORT_DIR`: the same report, computed by ONNX Runtime."""
     import time
 
-    from .config import template_fields
     from .data import check_rows, read_rows
+    from .manifest import ExportManifest
     from .metrics import classification_metrics, rouge_l
-    from .runtime import Sampling, read_export_manifest
+    from .runtime import Sampling
 
     if data is None:
         raise QPromptError("scoring an export needs --data FILE with the recipe's fields and labels")
-    m = read_export_manifest(folder)
+    m = ExportManifest.read(folder)
+    t = m.task(task)
     rows = read_rows(data)[:limit]
-    labels = m["label_targets"] if m["task"] == "classification" else ()
-    check_rows(rows, data, template_fields(m["template"]["prompt"]), m["label_field"], labels)
+    labels = t.label_targets if t.kind == "classification" else ()
+    check_rows(rows, data, t.template.fields, t.label_field, labels)
     model = _open_export(folder)
-    refs = [str(r[m["label_field"]]) for r in rows]
+    refs = [str(r[t.label_field]) for r in rows]
     start = time.perf_counter()
-    if m["task"] == "classification":
-        preds = model.classify(rows, batch_size=batch_size)
-        metrics = classification_metrics(preds, refs, list(m["label_targets"]))
+    if t.kind == "classification":
+        preds = model.classify(rows, batch_size=batch_size, task=t.name)
+        metrics = classification_metrics(preds, refs, list(t.label_targets))
     else:
-        preds = model.generate(rows, Sampling(max_new_tokens=64))
+        preds = model.generate(rows, Sampling(max_new_tokens=64), task=t.name)
         metrics = {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
     metrics["seconds"] = round(time.perf_counter() - start, 2)
-    what = f"export {folder} ({m['quantization']})"
+    what = f"export {folder}{' task ' + t.name if len(m.tasks) > 1 else ''} ({m.quantization})"
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
     click.echo(f"{what}: {shown}  ({metrics['rows']} rows, {metrics['seconds']:.0f} s)")
     if json_out:
@@ -389,8 +392,20 @@ def _open_export(folder, model_file=None, providers=None):
 
 
 @main.command("export")
-@click.argument("artifact", type=click.Path())
-@click.option("--output", type=click.Path(file_okay=False), required=True, help="Export folder to write.")
+@click.argument("artifacts", nargs=-1, type=click.Path())
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Export folder to write (with one or more ARTIFACTS).")
+@click.option("--name", "names", multiple=True,
+              help="Task name, once per artifact in order [default: each artifact folder's name].")
+@click.option("--multi-task", is_flag=True,
+              help="A task graph (task_ids input) even for one artifact, so that tasks can be added later.")
+@click.option("--prefix-slots", type=click.IntRange(1), default=None,
+              help="Prefix slots per task in a task graph: the most virtual tokens a task added later may have "
+                   "[default: the longest prompt's].")
+@click.option("--add", "add", type=click.Path(), default=None,
+              help="Add this artifact as one more task to the task graph in --to (earlier tasks unchanged).")
+@click.option("--remove", "remove", type=str, default=None, help="Remove this task from the task graph in --to.")
+@click.option("--to", "to", type=click.Path(file_okay=False), default=None, help="The export --add/--remove change.")
 @click.option("--quantize", type=click.Choice(list(QUANTIZATIONS)), default="none", show_default=True,
               help="Also write a quantized graph and use it. int8/int4: weight-only blocks (MatMulNBits); "
                    "int8-dynamic: activations too (faster on VNNI CPUs, less exact); nf4/fp4: bitsandbytes' "
@@ -399,16 +414,34 @@ def _open_export(folder, model_file=None, providers=None):
 @click.option("--parity-tokens", type=click.IntRange(1), default=8, show_default=True,
               help="Greedy tokens that must match PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --output.")
-def export_command(artifact, output, quantize, opset, parity_tokens, overwrite):
-    """Merge the soft prompt into an ONNX graph (constant KV prefix) and check it against PyTorch."""
-    from .export import export
+def export_command(artifacts, output, names, multi_task, prefix_slots, add, remove, to, quantize, opset,
+                   parity_tokens, overwrite):
+    """Merge soft prompts into an ONNX graph (constant KV prefix) and check it against PyTorch.
+
+    One artifact: a graph for its task. Several (trained on the same base): one graph serving all of
+    them, each row of a batch with its own task. --add/--remove change such a graph in place."""
+    from .export import add_task, export, remove_task
 
     quiet_libraries()
-    data = export(artifact, output, quantize, opset, overwrite, parity_tokens)
-    p = data["parity"]
-    click.echo(f"exported {artifact} to {output}: parity max |logit diff| {p['max_abs_logit_diff']:.2e}, "
-               f"greedy tokens equal: {p['greedy_tokens_equal']} ({p['prompts']} prompts)")
-    for name, info in data["files"].items():
+    if add or remove:
+        if artifacts or output or not to or (add and remove):
+            raise QPromptError("use --add ARTIFACT --to EXPORT or --remove NAME --to EXPORT, without ARTIFACTS or "
+                               "--output")
+        data = add_task(add, to, names[0] if names else None, parity_tokens) if add else remove_task(to, remove)
+        click.echo(f"{'added ' + data.tasks[-1].name + ' to' if add else 'removed ' + remove + ' from'} {to}: "
+                   f"tasks {', '.join(data.task_names)}")
+        return
+    if not artifacts or not output:
+        raise QPromptError("give ARTIFACTS and --output DIR (or --add/--remove with --to)")
+    data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
+                  multi_task=multi_task, prefix_slots=prefix_slots)
+    for task in data.tasks:
+        p = task.parity
+        click.echo(f"exported {task.source.get('artifact')} to {output}"
+                   f"{' as task ' + task.name if data.task_ids_input else ''}: parity max |logit diff| "
+                   f"{p['max_abs_logit_diff']:.2e}, greedy tokens equal: {p['greedy_tokens_equal']} "
+                   f"({p['prompts']} prompts)")
+    for name, info in data.files.items():
         extra = ""
         if "next_token_top1_agreement" in info:
             extra = (f", next-token agreement with model.onnx {info['next_token_top1_agreement']:.0%}, "
@@ -434,8 +467,9 @@ def export_command(artifact, output, quantize, opset, parity_tokens, overwrite):
 @click.option("--stop", multiple=True, help="Stop a row's output at this string (repeatable).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--model-file", type=str, default=None, help="Which graph in the folder [default: the manifest's].")
+@click.option("--task", type=str, default=None, help="With an export of several tasks: which one runs.")
 def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, temperature, top_k, top_p, seed,
-                stop, batch_size, model_file):
+                stop, batch_size, model_file, task):
     """Run an exported graph with ONNX Runtime (CUDA when onnxruntime-gpu is installed, else CPU)."""
     from .runtime import Sampling
 
@@ -448,17 +482,18 @@ def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, t
     if raw and not prompt:
         raise QPromptError("--prompt is empty: with --raw give some text to continue")
     model = _open_export(export_dir, model_file)
+    model.task(task)  # an unknown name, or none for an export of several tasks: one clear line now
     if input_file:
         from .data import check_rows, read_rows
 
         inputs = read_rows(input_file)
-        check_rows(inputs, input_file, model.fields)
+        check_rows(inputs, input_file, model.fields(task))
     else:
         inputs = [prompt]
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
-        outputs = model.classify(chunk) if classify else model.generate(chunk, sampling, raw=raw)
+        outputs = model.classify(chunk, task=task) if classify else model.generate(chunk, sampling, raw=raw, task=task)
         for out in outputs:
             click.echo(json.dumps(out) if input_file else out)
 
@@ -491,7 +526,8 @@ def serve(export_dir, host, port, max_batch, batch_window_ms, max_tokens_limit, 
         sock.close()
         raise
     bound = sock.getsockname()
-    click.echo(f"serving {export_dir} ({model.manifest['task']}, {model.manifest['quantization']}) on "
+    tasks = ", ".join(f"{t.name}: {t.kind}" for t in model.manifest.tasks)
+    click.echo(f"serving {export_dir} ({tasks}; {model.manifest.quantization}) on "
                f"http://{host}:{bound[1]}  (POST /v1/completions, /v1/classify; GET /health, /metrics)", err=True)
     options = ServeOptions(max_batch=max_batch, batch_window_ms=batch_window_ms, max_tokens_limit=max_tokens_limit)
     serve(model, sock, options, log_level)

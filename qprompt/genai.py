@@ -12,6 +12,11 @@ model_type.h, position_inputs.cpp) and checked by tests/test_genai.py against th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manifest import ExportManifest
+
 GENAI_CONFIG = "genai_config.json"
 
 # `model.type` values ORT GenAI builds its plain decoder-only model for, with nothing else tied to the type
@@ -33,21 +38,21 @@ def genai_model_type(base_model_type: str | None) -> str:
     return base_model_type if base_model_type in PLAIN_DECODER_TYPES else GENERIC_DECODER_TYPE
 
 
-def genai_config(manifest: dict, base_model_type: str | None, hidden_size: int, num_attention_heads: int,
+def genai_config(manifest: ExportManifest, base_model_type: str | None, hidden_size: int, num_attention_heads: int,
                  bos_token_id: int | None) -> dict:
     """genai_config.json for an export whose qprompt-export.json is `manifest` (its final model_file)."""
-    eos = list(manifest["eos_token_ids"])
+    eos = list(manifest.eos_token_ids)
     # ORT GenAI pads a batch on the right with pad_token_id and masks the trailing pads; a tokenizer without
     # a pad token gets eos, which ORT GenAI also emits for rows that have finished.
-    pad = manifest["pad_token_id"] if manifest["pad_token_id"] is not None else (eos[0] if eos else 0)
+    pad = manifest.pad_token_id if manifest.pad_token_id is not None else (eos[0] if eos else 0)
     # The virtual tokens' positions are inside the graph: ORT GenAI may use only the real-token positions left.
-    context = manifest["max_positions"]
+    context = manifest.max_positions
     decoder = {
-        "filename": manifest["model_file"],  # the quantized graph when --quantize was given
+        "filename": manifest.model_file,  # the quantized graph when --quantize was given
         # ORT GenAI shapes the empty cache of the first call as (batch, num_key_value_heads, 0, head_size).
-        "head_size": manifest["head_dim"],
-        "num_key_value_heads": manifest["num_kv_heads"],
-        "num_hidden_layers": manifest["num_layers"],
+        "head_size": manifest.head_dim,
+        "num_key_value_heads": manifest.num_kv_heads,
+        "num_hidden_layers": manifest.num_layers,
         "hidden_size": hidden_size,
         "num_attention_heads": num_attention_heads,
         # Empty provider list: CPU. A CUDA user adds {"cuda": {}} here, or og.Config.append_provider("cuda").
@@ -59,7 +64,7 @@ def genai_config(manifest: dict, base_model_type: str | None, hidden_size: int, 
         "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value"},
     }
-    model = {"type": genai_model_type(base_model_type), "context_length": context, "vocab_size": manifest["vocab_size"],
+    model = {"type": genai_model_type(base_model_type), "context_length": context, "vocab_size": manifest.vocab_size,
              "pad_token_id": pad, "eos_token_id": eos, "decoder": decoder}
     if bos_token_id is not None:
         model["bos_token_id"] = bos_token_id

@@ -13,23 +13,19 @@ batching, a KV cache for generation, and classification by label log-likelihood.
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-EXPORT_MANIFEST = "qprompt-export.json"
-EXPORT_FORMAT = "qprompt-export/1"
+from .errors import ExportError
+from .manifest import EXPORT_FORMAT, EXPORT_MANIFEST, ExportManifest, TaskEntry  # noqa: F401  (re-exported)
+
 # none: fp32 only. int8: weight-only, 8-bit blocks of 32 (MatMulNBits). int8-dynamic: int8 weights and
 # activations quantized per call (ORT's quantize_dynamic). int4: weight-only, 4-bit blocks of 32.
 # nf4/fp4: bitsandbytes' 4-bit formats (MatMulBnb4, blocks of 64), made from the bitsandbytes-quantized
 # base itself, so the graph holds the very weights an nf4/fp4-trained prompt was trained against.
 QUANTIZATIONS = ("none", "int8", "int8-dynamic", "int4", "nf4", "fp4")
-
-
-class ExportError(Exception):
-    """A broken or mismatched export folder (the CLI prints it as one line)."""
 
 
 @dataclass
@@ -57,11 +53,6 @@ def default_providers() -> list[str]:
     """CUDA first where onnxruntime-gpu is installed, always CPU as the fallback."""
     found = available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in found]
-
-
-# The keys ExportedModel and `qprompt eval EXPORT` read from qprompt-export.json.
-EXPORT_KEYS = ("model_file", "task", "template", "template.prompt", "label_field", "label_targets", "num_layers",
-               "num_kv_heads", "head_dim", "max_positions", "pad_token_id", "eos_token_ids", "quantization")
 
 
 def read_json_object(path: Path, format: str, required: tuple[str, ...], fix: str) -> dict:
@@ -95,26 +86,23 @@ def read_tokenizer(path: Path, fix: str):
         raise ExportError(f"{path} is damaged ({first}); {fix}") from exc
 
 
-def read_export_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / EXPORT_MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{folder} has no {EXPORT_MANIFEST}, so it is not a qprompt export; run `qprompt export`")
-    fix = "export again with this qprompt"
-    data = read_json_object(path, EXPORT_FORMAT, EXPORT_KEYS, fix)
-    if not isinstance(data["label_targets"], dict) or not isinstance(data["template"]["prompt"], str):
-        raise ExportError(f"{path}: 'label_targets' must be an object and 'template.prompt' text; {fix}")
-    return data
+def read_export_manifest(folder: str | Path) -> ExportManifest:
+    return ExportManifest.read(folder)
 
 
 class ExportedModel:
+    """An export folder, loaded: its graph in an onnxruntime session, its tokenizer and its tasks.
+
+    A graph of several tasks (`qprompt export ART1 ART2 ...`) takes a task id per row; every method that
+    encodes or scores takes `task=NAME` (None: the only task), and a batch may mix tasks."""
+
     def __init__(self, folder: str | Path, model_file: str | None = None, providers: list[str] | None = None,
                  threads: int | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        self.manifest = m = read_export_manifest(folder)
-        self.model_path = path = self.folder / (model_file or m["model_file"])
+        self.manifest = m = ExportManifest.read(folder)
+        self.model_path = path = self.folder / (model_file or m.model_file)
         for needed in (path, self.folder / "tokenizer.json"):
             if not needed.is_file():
                 raise ExportError(f"export folder {folder} lacks {needed.name}; export again")
@@ -127,38 +115,48 @@ class ExportedModel:
             raise ExportError(f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]}); the file is "
                               "damaged or not an ONNX graph: export again") from exc
         names = {i.name for i in self.session.get_inputs()}
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(m["num_layers"]) for kind in ("key", "value")]
-        missing = {"input_ids", "attention_mask", *self.past_names} - names
-        if missing:
-            raise ExportError(f"{path} does not match {EXPORT_MANIFEST} (missing inputs {sorted(missing)[:3]}); "
-                              "export again")
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(m.num_layers) for kind in ("key", "value")]
+        missing = {"input_ids", "attention_mask", *self.past_names, *(["task_ids"] if m.task_ids_input else [])}
+        missing -= names
+        if missing or ("task_ids" in names) != m.task_ids_input:
+            raise ExportError(f"{path} does not match {EXPORT_MANIFEST} (inputs {sorted(missing)[:3] or ['task_ids']}"
+                              "); export again")
         self.tokenizer = read_tokenizer(self.folder / "tokenizer.json", "export again")
-        self.pad_id = m["pad_token_id"]
-        self.eos_ids = set(m["eos_token_ids"])
-        self.fields = [f for _, f, _, _ in string.Formatter().parse(m["template"]["prompt"]) if f]
-        self.label_ids = {label: self.encode(text, special=False) for label, text in m["label_targets"].items()}
+        self.pad_id = m.pad_token_id
+        self.eos_ids = set(m.eos_token_ids)
+        self._label_ids = {t.name: {label: self.encode(text, special=False) for label, text in t.label_targets.items()}
+                           for t in m.tasks}
+
+    # ------------------------------------------------------------------------------- tasks
+    @property
+    def tasks(self) -> list[str]:
+        return self.manifest.task_names
+
+    def task(self, name: str | None = None) -> TaskEntry:
+        return self.manifest.task(name)
+
+    def fields(self, task: str | None = None) -> list[str]:
+        return self.task(task).template.fields
+
+    def label_ids(self, task: str | None = None) -> dict[str, list[int]]:
+        """Each label's target token ids (empty for a generation task)."""
+        return self._label_ids[self.task(task).name]
 
     # ------------------------------------------------------------------------------- tokens
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
-    def prompt_ids(self, row: dict | str, hard_prompt: bool = False) -> list[int]:
-        """The recipe's template applied to a row (or to a string, for one-field templates)."""
-        template = self.manifest["template"]
+    def prompt_ids(self, row: dict | str, hard_prompt: bool = False, task: str | None = None) -> list[int]:
+        """The task's template applied to a row (or to a string, for one-field templates)."""
+        template = self.task(task).template
         if isinstance(row, str):
-            if len(self.fields) != 1:
-                raise ExportError(f"this template needs fields {self.fields}: pass rows, not plain text")
-            row = {self.fields[0]: row}
-        missing = [f for f in self.fields if f not in row]
+            if len(template.fields) != 1:
+                raise ExportError(f"this template needs fields {template.fields}: pass rows, not plain text")
+            row = {template.fields[0]: row}
+        missing = template.missing(row)
         if missing:
-            raise ExportError(f"input row lacks field {missing[0]!r}; the template needs {', '.join(self.fields)}")
-        body = template["prompt"].format(**{f: row[f] for f in self.fields})
-        if hard_prompt and template.get("instruction"):
-            body = f"{template['instruction']}\n\n{body}"
-        chat = self.manifest.get("chat_wrap")
-        if chat:
-            return self.encode(chat[0] + body + chat[1], special=False)
-        return self.encode(body)
+            raise ExportError(f"input row lacks field {missing[0]!r}; the template needs {', '.join(template.fields)}")
+        return self.encode(template.text(row, hard_prompt), special=template.add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -166,13 +164,22 @@ class ExportedModel:
     # ------------------------------------------------------------------------------- graph
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         m = self.manifest
-        shape = (batch, m["num_kv_heads"], 0, m["head_dim"])
+        shape = (batch, m.num_kv_heads, 0, m.head_dim)
         return {n: np.zeros(shape, dtype=np.float32) for n in self.past_names}
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray]):
+    def task_ids(self, tasks: str | None | list[str | None], batch: int) -> np.ndarray:
+        """(batch,) task ids: one name (or None) for every row, or one per row."""
+        names = tasks if isinstance(tasks, list) else [tasks] * batch
+        return np.array([self.manifest.task_id(t) for t in names], dtype=np.int64)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray],
+                task_ids: np.ndarray | None = None):
         """One graph call: logits (B, L, V) and the updated cache (real tokens only)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        if self.manifest.task_ids_input:
+            feeds["task_ids"] = task_ids if task_ids is not None else self.task_ids(None, len(input_ids))
         try:
-            outputs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask, **past})
+            outputs = self.session.run(None, feeds)
         except Exception as exc:  # onnxruntime's own error types: a graph or manifest that does not fit
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportError(f"onnxruntime could not run {self.model_path.name} in {self.folder} ({first}); the "
@@ -182,24 +189,25 @@ class ExportedModel:
     def _left_pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         if not all(seqs):
             raise ExportError("an input has no tokens (empty text): give some text to continue")
-        limit = self.manifest["max_positions"]
+        limit = self.manifest.max_positions
         if max(len(s) for s in seqs) > limit:
             raise ExportError(f"an input has {max(len(s) for s in seqs)} tokens; this export takes at most {limit}")
         width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        ids = np.full((len(seqs), width), self.pad_id if self.pad_id is not None else 0, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for i, s in enumerate(seqs):
             ids[i, width - len(s):] = s
             mask[i, width - len(s):] = 1
         return ids, mask
 
-    # ------------------------------------------------------------------------------- tasks
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling | None = None) -> list[list[int]]:
+    # ------------------------------------------------------------------------------- work
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling | None = None,
+                     task: str | None | list[str | None] = None) -> list[list[int]]:
         """Continue each prompt; the batch is left-padded and decoded together with a KV cache."""
         s = sampling or Sampling()
         rng = np.random.default_rng(s.seed)
         batch = DecodeBatch(self)
-        logits = batch.join(prompts)
+        logits = batch.join(prompts, self.task_ids(task, len(prompts)))
         out: list[list[int]] = [[] for _ in prompts]
         rows = list(range(len(prompts)))  # which prompt each row of the batch continues
         for step in range(s.max_new_tokens):
@@ -220,41 +228,52 @@ class ExportedModel:
             logits = batch.step(nxt)
         return out
 
-    def generate(self, inputs: list[dict | str], sampling: Sampling | None = None, raw: bool = False) -> list[str]:
-        prompts = [self.encode(x) if raw else self.prompt_ids(x) for x in inputs]
-        texts = [self.decode(o) for o in self.generate_ids(prompts, sampling)]
+    def generate(self, inputs: list[dict | str], sampling: Sampling | None = None, raw: bool = False,
+                 task: str | None = None) -> list[str]:
+        prompts = [self.encode(x) if raw else self.prompt_ids(x, task=task) for x in inputs]
+        texts = [self.decode(o) for o in self.generate_ids(prompts, sampling, task)]
         stops = sampling.stop if sampling else ()
         return [_cut_at_stop(t, stops) for t in texts]
 
-    def label_scores(self, prompts: list[list[int]], batch_size: int = 16) -> np.ndarray:
-        """Sum of log-probabilities of each label's tokens after each prompt: (N, labels)."""
-        labels = list(self.label_ids)
+    def label_scores(self, prompts: list[list[int]], batch_size: int = 16,
+                     task: str | None | list[str | None] = None) -> np.ndarray:
+        """Sum of log-probabilities of each label's tokens after each prompt: (N, labels). A list of tasks (one per
+        prompt) scores a mixed batch; its tasks must share their labels' names and order."""
+        tasks = task if isinstance(task, list) else [task] * len(prompts)
+        label_ids = [self.label_ids(t) for t in tasks]
+        labels = list(label_ids[0]) if label_ids else []
+        if any(list(ids) != labels for ids in label_ids):
+            raise ExportError("a mixed batch must share its labels; score each task's rows on their own")
         scores = np.zeros((len(prompts), len(labels)))
-        single = all(len(self.label_ids[lab]) == 1 for lab in labels)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            if single:  # one pass: the next-token distribution scores every label
+            targets = label_ids[start : start + batch_size]
+            task_ids = self.task_ids(tasks[start : start + batch_size], len(chunk))
+            if all(len(t[lab]) == 1 for t in targets for lab in labels):  # one pass scores every label
                 ids, mask = self._left_pad(chunk)
-                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)))
+                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)), task_ids)
                 logp = log_softmax(logits[:, -1])
-                scores[start : start + len(chunk)] = logp[:, [self.label_ids[lab][0] for lab in labels]]
+                for r, t in enumerate(targets):
+                    scores[start + r] = logp[r, [t[lab][0] for lab in labels]]
                 continue
             for j, lab in enumerate(labels):
-                target = self.label_ids[lab]
-                ids, mask = self._left_pad([p + target for p in chunk])
-                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)))
-                logp = log_softmax(logits[:, -len(target) - 1 : -1])
-                scores[start : start + len(chunk), j] = logp[:, np.arange(len(target)), target].sum(axis=1)
+                ids, mask = self._left_pad([p + t[lab] for p, t in zip(chunk, targets)])
+                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)), task_ids)
+                for r, t in enumerate(targets):  # left padding: every row's target ends at the last column
+                    target = t[lab]
+                    logp = log_softmax(logits[r, -len(target) - 1 : -1])
+                    scores[start + r, j] = logp[np.arange(len(target)), target].sum()
         return scores
 
-    def classify(self, inputs: list[dict | str], hard_prompt: bool = False, batch_size: int = 16) -> list[str]:
-        if not self.label_ids:
+    def classify(self, inputs: list[dict | str], hard_prompt: bool = False, batch_size: int = 16,
+                 task: str | None = None) -> list[str]:
+        labels = list(self.label_ids(task))
+        if not labels:
             raise ExportError("this export comes from a generation recipe: use generate, not classify")
-        labels = list(self.label_ids)
         # Similar lengths together: less padding per batch.
-        prompts = [self.prompt_ids(x, hard_prompt) for x in inputs]
+        prompts = [self.prompt_ids(x, hard_prompt, task) for x in inputs]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        scores = self.label_scores([prompts[i] for i in order], batch_size)
+        scores = self.label_scores([prompts[i] for i in order], batch_size, task)
         result = [""] * len(prompts)
         for k, i in enumerate(order):
             result[i] = labels[int(scores[k].argmax())]
@@ -274,14 +293,17 @@ class DecodeBatch:
         self.model = model
         self.mask = np.zeros((0, 0), dtype=np.int64)  # (rows, cached tokens): 1 real, 0 padding
         self.past = model.empty_past(0)
+        self.task_ids = np.zeros(0, dtype=np.int64)  # each row's task (graphs of several tasks)
 
     def __len__(self) -> int:
         return len(self.mask)
 
-    def join(self, prompts: list[list[int]]) -> np.ndarray:
+    def join(self, prompts: list[list[int]], task_ids: np.ndarray | None = None) -> np.ndarray:
         """Prefill `prompts` as one left-padded batch, append them as the last rows: their next-token logits."""
+        task_ids = task_ids if task_ids is not None else self.model.task_ids(None, len(prompts))
         ids, mask = self.model._left_pad(prompts)
-        logits, past = self.model.forward(ids, mask, self.model.empty_past(len(prompts)))
+        logits, past = self.model.forward(ids, mask, self.model.empty_past(len(prompts)), task_ids)
+        self.task_ids = np.concatenate([self.task_ids, task_ids])
         width = max(self.mask.shape[1], mask.shape[1])
         self.mask = np.concatenate([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.past = {n: np.concatenate([_pad_left(self.past[n], width, 2), _pad_left(past[n], width, 2)])
@@ -291,12 +313,13 @@ class DecodeBatch:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row its next token (B,): the logits (B, vocab) for the token after it."""
         self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
-        logits, self.past = self.model.forward(tokens.astype(np.int64)[:, None], self.mask, self.past)
+        logits, self.past = self.model.forward(tokens.astype(np.int64)[:, None], self.mask, self.past, self.task_ids)
         return logits[:, -1]
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order), and drop the cache columns that are padding in all of them."""
         self.mask = self.mask[rows]
+        self.task_ids = self.task_ids[rows]
         self.past = {n: v[rows] for n, v in self.past.items()}
         if len(rows):
             first = int(self.mask.argmax(axis=1).min())  # the earliest real token of any row

@@ -59,6 +59,7 @@ class Job:
 
     kind: str  # "generate" or "classify"
     ids: list[int]
+    task: str  # the export's task this prompt is for
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
@@ -145,7 +146,7 @@ class Engine:
                 new = self._take("generate", self.options.max_batch - len(rows))
                 if new:
                     self.metrics.count_pass(len(new))
-                    joined = batch.join([j.ids for j in new])
+                    joined = batch.join([j.ids for j in new], self.model.task_ids([j.task for j in new], len(new)))
                     rows += new
                     logits = joined if logits is None else np.concatenate([logits, joined])
                     new = []
@@ -176,10 +177,15 @@ class Engine:
 
     def _classify_waiting(self) -> None:
         jobs = self._take("classify", self.options.max_queue)
-        for start in range(0, len(jobs), self.options.max_batch):
-            chunk = jobs[start : start + self.options.max_batch]
+        by_task: dict[str, list[Job]] = {}  # each task scores its own labels
+        for job in jobs:
+            by_task.setdefault(job.task, []).append(job)
+        chunks = [group[i : i + self.options.max_batch] for group in by_task.values()
+                  for i in range(0, len(group), self.options.max_batch)]
+        for chunk in chunks:
+            task = chunk[0].task
             try:
-                scores = self.model.label_scores([j.ids for j in chunk], batch_size=len(chunk))
+                scores = self.model.label_scores([j.ids for j in chunk], batch_size=len(chunk), task=task)
             except Exception as exc:
                 for job in chunk:
                     job.emit(("error", f"the model could not score this input ({str(exc).splitlines()[0]})", 500))
@@ -187,7 +193,7 @@ class Engine:
             self.metrics.count_pass(len(chunk))
             probs = np.exp(log_softmax(scores))  # over the labels: the sequence scores, normalised
             for job, p in zip(chunk, probs):
-                job.emit(("labels", dict(zip(self.model.label_ids, (float(x) for x in p)))))
+                job.emit(("labels", dict(zip(self.model.label_ids(task), (float(x) for x in p)))))
 
     def _advance(self, batch: DecodeBatch, rows: list[Job], logits: np.ndarray) -> tuple[np.ndarray | None, list]:
         """Pick each row's next token from `logits`, send it, drop finished rows, run one decode step."""
@@ -251,28 +257,38 @@ class Server:
         self.model, self.options, self.name = model, options, name
         self.metrics = Metrics()
         self.engine = Engine(model, options, self.metrics)
-        self.limit = model.manifest["max_positions"]
+        self.limit = model.manifest.max_positions
 
-    def prompt_ids(self, item: Any, raw: bool) -> list[int]:
+    def task(self, body: dict) -> str:
+        """The request's task: its "task" field, or the export's only task."""
+        name = body.get("task")
+        if name is not None and not isinstance(name, str):
+            raise RequestError("'task' must be a task name (text)")
+        try:
+            return self.model.task(name).name
+        except ExportError as exc:
+            raise RequestError(str(exc)) from None
+
+    def prompt_ids(self, item: Any, raw: bool, task: str) -> list[int]:
         if raw:
             if not isinstance(item, str):
                 raise RequestError("with 'raw': true each prompt must be a string")
             ids = self.model.encode(item)
         elif isinstance(item, (str, dict)):
             try:
-                ids = self.model.prompt_ids(item)
+                ids = self.model.prompt_ids(item, task=task)
             except ExportError as exc:
                 raise RequestError(str(exc)) from None
             except (KeyError, IndexError, ValueError) as exc:  # str.format on a row's odd values
                 raise RequestError(f"the input does not fit the template ({exc})") from None
         else:
             raise RequestError(f"a prompt must be a string or an object of the template's fields "
-                               f"({', '.join(self.model.fields)}); got {type(item).__name__}")
+                               f"({', '.join(self.model.fields(task))}); got {type(item).__name__}")
         if not ids or (isinstance(item, str) and not item.strip()):
             raise RequestError("a prompt is empty: give some text")
         return ids
 
-    def prompts(self, body: dict, key: str) -> list[list[int]]:
+    def prompts(self, body: dict, key: str, task: str) -> list[list[int]]:
         if key not in body:
             raise RequestError(f"the request has no '{key}'")
         items = body[key] if isinstance(body[key], list) else [body[key]]
@@ -283,7 +299,7 @@ class Server:
         raw = body.get("raw", False)
         if not isinstance(raw, bool):
             raise RequestError("'raw' must be true or false")
-        return [self.prompt_ids(item, raw) for item in items]
+        return [self.prompt_ids(item, raw, task) for item in items]
 
     def sampling(self, body: dict, longest: int) -> Sampling:
         room = self.limit - longest
@@ -305,17 +321,18 @@ class Server:
                         top_k=_number(body, "top_k", 0, 0, 10**6, integer=True),
                         top_p=float(_number(body, "top_p", 1.0, 0, 1)), seed=seed, stop=tuple(stop))
 
-    def jobs(self, kind: str, prompts: list[list[int]], sampling: Sampling) -> list[Job]:
+    def jobs(self, kind: str, prompts: list[list[int]], sampling: Sampling, task: str) -> list[Job]:
         loop = asyncio.get_running_loop()
         jobs = []
         for i, ids in enumerate(prompts):
             seed = None if sampling.seed is None else sampling.seed + i  # distinct draws for each prompt
-            jobs.append(Job(kind, ids, sampling, loop, asyncio.Queue(), np.random.default_rng(seed)))
+            jobs.append(Job(kind, ids, task, sampling, loop, asyncio.Queue(), np.random.default_rng(seed)))
         self.engine.submit(jobs)
         return jobs
 
     async def complete(self, body: dict):
-        prompts = self.prompts(body, "prompt")
+        task = self.task(body)
+        prompts = self.prompts(body, "prompt", task)
         if any(len(p) >= self.limit for p in prompts):
             longest = max(len(p) for p in prompts)
             raise RequestError(f"a prompt has {longest} tokens; this export takes at most {self.limit - 1} "
@@ -324,7 +341,7 @@ class Server:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("'stream' must be true or false")
-        jobs = self.jobs("generate", prompts, sampling)
+        jobs = self.jobs("generate", prompts, sampling, task)
         self.metrics.prompt_tokens += sum(len(p) for p in prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
@@ -385,13 +402,14 @@ class Server:
                 task.cancel()
 
     async def classify(self, body: dict) -> dict:
-        if not self.model.label_ids:
-            raise RequestError("this export comes from a generation recipe: use /v1/completions", 404)
-        prompts = self.prompts(body, "input")
+        task = self.task(body)
+        if not self.model.label_ids(task):
+            raise RequestError(f"task {task!r} comes from a generation recipe: use /v1/completions", 404)
+        prompts = self.prompts(body, "input", task)
         if any(len(p) >= self.limit for p in prompts):
             raise RequestError(f"an input has {max(len(p) for p in prompts)} tokens; this export takes at most "
                                f"{self.limit - 1}")
-        jobs = self.jobs("classify", prompts, Sampling())
+        jobs = self.jobs("classify", prompts, Sampling(), task)
         self.metrics.prompt_tokens += sum(len(p) for p in prompts)
         results = []
         for job in jobs:
@@ -448,10 +466,10 @@ def create_app(model: ExportedModel, options: ServeOptions | None = None, name: 
 
     async def health(request: Request):
         m = model.manifest
-        return JSONResponse({"status": "ok", "model": server.name, "task": m["task"],
-                             "labels": list(model.label_ids), "fields": model.fields,
-                             "max_positions": server.limit, "quantization": m["quantization"],
-                             "max_batch": server.options.max_batch})
+        tasks = [{"name": t.name, "kind": t.kind, "labels": list(t.label_targets), "fields": t.template.fields}
+                 for t in m.tasks]
+        return JSONResponse({"status": "ok", "model": server.name, "tasks": tasks, "max_positions": server.limit,
+                             "quantization": m.quantization, "max_batch": server.options.max_batch})
 
     async def metrics(request: Request):
         return JSONResponse(server.metrics.to_dict(server.engine))

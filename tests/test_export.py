@@ -42,10 +42,13 @@ def exported(artifact):
 
 def test_export_passes_parity_and_writes_a_self_contained_folder(exported):
     manifest = json.loads((exported / "qprompt-export.json").read_text())
-    assert manifest["parity"]["max_abs_logit_diff"] < 1e-4 and manifest["parity"]["greedy_tokens_equal"]
-    assert manifest["parity"]["prompts"] == 4  # the artifact's stored validation rows
-    assert manifest["num_virtual_tokens"] == 6 and manifest["source"]["method"] == "prompt-tuning"
-    assert manifest["label_targets"] == {"positive": " positive", "negative": " negative"}
+    assert manifest["format"] == "qprompt-export/2" and not manifest["task_ids_input"]
+    (task,) = manifest["tasks"]
+    assert task["parity"]["max_abs_logit_diff"] < 1e-4 and task["parity"]["greedy_tokens_equal"]
+    assert task["parity"]["prompts"] == 4  # the artifact's stored validation rows
+    assert task["virtual_tokens"] == 6 and task["source"]["method"] == "prompt-tuning"
+    assert task["label_targets"] == {"positive": " positive", "negative": " negative"}
+    assert manifest["prefix_slots"] == 6 and manifest["max_positions"] == 256 - 6
     assert manifest["model_file"] == "model.int8.onnx"
     assert manifest["files"]["model.int8.onnx"]["next_token_top1_agreement"] >= 0.75
     assert manifest["fp32_weights"] == "full precision"  # int8 starts from the unquantized base
@@ -106,7 +109,7 @@ def test_sampling_is_seeded_and_stops(exported):
 @pytest.mark.parametrize("quant", ["int8-dynamic", "int4", "fp4"])
 def test_other_quantized_graphs_run(artifact, tmp_path, quant):
     data = export(artifact, tmp_path / quant, quantize=quant)
-    info = data["files"][f"model.{quant}.onnx"]
+    info = data.files[f"model.{quant}.onnx"]
     assert info["mb"] > 0 and 0 <= info["next_token_top1_agreement"] <= 1
     runtime = ExportedModel(tmp_path / quant)
     assert set(runtime.classify(["fine", "awful"])) <= {"positive", "negative"}
@@ -118,9 +121,9 @@ def test_nf4_graph_holds_the_weights_the_prompt_was_trained_against(artifact, ex
     import onnx
 
     data = export(artifact, tmp_path / "nf4", quantize="nf4")
-    assert data["fp32_weights"] == "dequantized nf4" and data["model_file"] == "model.nf4.onnx"
-    assert data["parity"]["max_abs_logit_diff"] < 1e-4 and data["parity"]["greedy_tokens_equal"]
-    info = data["files"]["model.nf4.onnx"]
+    assert data.fp32_weights == "dequantized nf4" and data.model_file == "model.nf4.onnx"
+    assert data.tasks[0].parity["max_abs_logit_diff"] < 1e-4 and data.tasks[0].parity["greedy_tokens_equal"]
+    info = data.files["model.nf4.onnx"]
     assert info["max_abs_next_token_logit_diff"] < 1e-4 and info["next_token_top1_agreement"] == 1.0
     graph = onnx.load(str(tmp_path / "nf4" / "model.nf4.onnx")).graph
     ops = [n.op_type for n in graph.node]
@@ -178,8 +181,8 @@ def test_every_method_exports_with_parity(tiny_model_dir, sentiment_files, tmp_p
     splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
     train(recipe, model, tok, info, splits, tmp_path / "art", progress=False)
     data = export(tmp_path / "art", tmp_path / "exp")
-    assert data["parity"]["max_abs_logit_diff"] < 1e-4 and data["parity"]["greedy_tokens_equal"]
-    assert data["num_virtual_tokens"] == 5
+    assert data.tasks[0].parity["max_abs_logit_diff"] < 1e-4 and data.tasks[0].parity["greedy_tokens_equal"]
+    assert data.tasks[0].virtual_tokens == 5
     runtime = ExportedModel(tmp_path / "exp")
     peft_model, tok, recipe, _ = load_artifact(tmp_path / "art", quant="none")
     rows = [json.loads(x) for x in sentiment_files["test"].read_text().splitlines()][:8]
@@ -209,8 +212,8 @@ def test_bare_base_exports_with_parity_and_pads_exactly(tiny_model_dir, tmp_path
 
     recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none")
     data = export(None, tmp_path / "bare", base_model=recipe.model, recipe=recipe)
-    assert data["num_virtual_tokens"] == 0 and data["parity"]["greedy_tokens_equal"]
-    assert data["parity"]["max_abs_logit_diff"] < 1e-4
+    assert data.tasks[0].virtual_tokens == 0 and data.tasks[0].parity["greedy_tokens_equal"]
+    assert data.tasks[0].parity["max_abs_logit_diff"] < 1e-4
     runtime = ExportedModel(tmp_path / "bare")
     prompts = [runtime.prompt_ids(t) for t in ("fine", "a long, slow and quietly devastating film")]
     ids, mask = runtime._left_pad(prompts)

@@ -178,7 +178,7 @@ def test_the_quantized_export_runs_in_genai_as_written(int8_export):
 def test_genai_tokenizer_gives_qprompt_ids_with_bos(int8_export):
     runtime = ExportedModel(int8_export)
     tokenizer = genai_tokenizer(og.Model(str(int8_export)))
-    template = runtime.manifest["template"]["prompt"]
+    template = runtime.task().template.prompt
     for text in TEXTS:
         ids = runtime.prompt_ids(text)
         assert ids[0] == tokenizer.bos_token_id == 1
@@ -199,7 +199,7 @@ def test_genai_equals_runtime_and_pytorch_alone_and_in_a_batch(exports, artifact
     alone = [genai_generate(model, np.array([p], dtype=np.int32), NEW_TOKENS)[0] for p in prompts]
     assert alone == expected
     tokenizer = genai_tokenizer(model)
-    batch = tokenizer.encode_batch([runtime.manifest["template"]["prompt"].format(text=t) for t in TEXTS]).as_numpy()
+    batch = tokenizer.encode_batch([runtime.task().template.prompt.format(text=t) for t in TEXTS]).as_numpy()
     pad = tokenizer.pad_token_id
     for row, p in zip(batch, prompts):  # right padding: the prompt, then pad ids
         assert list(row[: len(p)]) == p and set(row[len(p):]) <= {pad}

@@ -118,10 +118,10 @@ def test_export_overwrite_replaces_only_its_own_files_and_ships_no_paths(run_dir
 
     data = export(run_dir, out, overwrite=True)  # fp32 only now: the int8 graph of the earlier export goes
     assert (out / "README.md").read_text() == "how to run this model" and (out / "serve.py").is_file()
-    assert not (out / "model.int8.onnx").exists() and data["model_file"] == "model.onnx"
+    assert not (out / "model.int8.onnx").exists() and data.model_file == "model.onnx"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp.partial")]
 
-    source = data["source"]
+    source = data.tasks[0].source
     assert source["artifact"] == "run" and "path" not in source["base"]
     assert source["base"]["name"] == tiny_model_dir.name and source["base"]["fingerprint"]
     # No file written carries a path of this machine (the artifact's, the base model's or the temp folder's).
@@ -130,7 +130,7 @@ def test_export_overwrite_replaces_only_its_own_files_and_ships_no_paths(run_dir
             text = path.read_text()
             for local in (str(tmp_path), str(run_dir.parent), str(tiny_model_dir.parent)):
                 assert local not in text, (path.name, local)
-    assert json.loads((out / "qprompt-export.json").read_text())["source"] == source
+    assert json.loads((out / "qprompt-export.json").read_text())["tasks"][0]["source"] == source
 
 
 def _umask() -> int:

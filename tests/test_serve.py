@@ -161,7 +161,7 @@ def test_classify_returns_labels_with_their_probabilities(client, model):
     assert [d["label"] for d in body["data"]] == model.classify(rows)
     scores = model.label_scores([model.prompt_ids(r) for r in rows])
     expected = np.exp(log_softmax(scores))
-    got = np.array([[d["probabilities"][lab] for lab in model.label_ids] for d in body["data"]])
+    got = np.array([[d["probabilities"][lab] for lab in model.label_ids()] for d in body["data"]])
     # The same rows in one batch; 1e-5 leaves room for float32 logits summed in another order (~1e-6 relative).
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     status, one = client.post("/v1/classify", {"input": REVIEWS[0]})  # a plain string, one-field template
@@ -199,8 +199,8 @@ def test_bad_requests_get_a_4xx_naming_the_problem(client, path, body, status, m
 
 def test_health_and_metrics_describe_the_server(client, model):
     status, health = client.request("GET", "/health")
-    assert status == 200 and health["task"] == "classification"
-    assert health["labels"] == ["positive", "negative"] and health["fields"] == ["text"]
+    assert status == 200 and health["tasks"] == [{"name": "artifact", "kind": "classification",
+                                                  "labels": ["positive", "negative"], "fields": ["text"]}]
     before = client.request("GET", "/metrics")[1]
     client.post("/v1/completions", {"prompt": "a film", "max_tokens": 0})
     answer = client.post("/v1/completions", {"prompt": REVIEWS[5], "max_tokens": 3})[1]

@@ -1,0 +1,126 @@
+"""qprompt-export.json: what an export folder holds, as typed dataclasses (written by export, read by the runtime).
+
+One graph serves one task or several: every task is a `TaskEntry` (its template, labels and where its
+prompt came from). A graph of several tasks takes a `task_ids` input and holds every task's prefix in a
+constant table of `prefix_slots` slots per task. The format is versioned: a folder written by an older
+or newer qprompt is refused with a message saying which to run. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ExportError
+from .templates import Template
+
+EXPORT_MANIFEST = "qprompt-export.json"
+FORMAT_NAME = "qprompt-export"
+FORMAT_VERSION = 2
+EXPORT_FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+
+
+@dataclass
+class TaskEntry:
+    """One task the graph serves."""
+
+    name: str  # what callers route by (`--task NAME`, the server's "task" field)
+    kind: str  # "classification" or "generation"
+    template: Template
+    label_field: str  # the rows' label column (for `qprompt eval EXPORT`)
+    label_targets: dict[str, str]  # label -> the text scored after the prompt; empty for generation
+    virtual_tokens: int  # the prompt's length in the table (a multi-task table pads shorter ones, masked)
+    source: dict = field(default_factory=dict)  # artifact folder name, method, base name and fingerprint
+    parity: dict | None = None  # the export's check against PyTorch for this task
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "template": self.template.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskEntry:
+        return cls(**{**data, "template": Template.from_dict(data["template"])})
+
+
+@dataclass
+class ExportManifest:
+    """The export folder's description: the graph's shapes and files, and the tasks it serves."""
+
+    model_file: str  # the graph the runtime loads (the quantized one after --quantize)
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int  # real tokens any request may hold: the base's positions minus the prefix slots
+    pad_token_id: int | None
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    opset: int
+    quantization: str
+    tasks: list[TaskEntry]
+    task_ids_input: bool  # the graph takes task_ids (B,): each row reads its own task's prefix
+    prefix_slots: int  # prefix slots per task in the graph
+    base: dict  # the base model: name (never a path on the exporting machine), fingerprint, quantization
+    files: dict = field(default_factory=dict)  # graph file -> quantization, size, agreement with fp32
+    fp32_weights: str = "full precision"
+    seconds: float = 0.0
+    qprompt_version: str = ""
+    format: str = EXPORT_FORMAT
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str | None = None) -> TaskEntry:
+        """The task called `name`; None picks the only one (an error for a graph of several)."""
+        if name is None:
+            if len(self.tasks) == 1:
+                return self.tasks[0]
+            raise ExportError(f"this export serves {len(self.tasks)} tasks ({', '.join(self.task_names)}): "
+                              "name one (--task NAME, or \"task\" in a request)")
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise ExportError(f"this export has no task {name!r}; its tasks: {', '.join(self.task_names)}")
+
+    def task_id(self, name: str | None = None) -> int:
+        return self.tasks.index(self.task(name))
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tasks"}
+        return {"format": self.format, **data, "tasks": [t.to_dict() for t in self.tasks]}
+
+    def write(self, folder: str | Path) -> None:
+        path = Path(folder) / EXPORT_MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ExportManifest:
+        folder = Path(folder)
+        path = folder / EXPORT_MANIFEST
+        if not path.is_file():
+            raise ExportError(f"{folder} has no {EXPORT_MANIFEST}, so it is not a qprompt export; run `qprompt export`")
+        fix = "export again with this qprompt"
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ExportError(f"{path} is not UTF-8 text, so not a file qprompt wrote; {fix}") from None
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+        if not isinstance(data, dict) or not str(data.get("format", "")).startswith(FORMAT_NAME + "/"):
+            raise ExportError(f"{path} is not a {FORMAT_NAME} manifest; {fix}")
+        version = str(data["format"]).split("/", 1)[1]
+        if version != str(FORMAT_VERSION):
+            newer = version.isdigit() and int(version) > FORMAT_VERSION
+            raise ExportError(f"{path} is format {version}, written by a {'newer' if newer else 'older'} qprompt "
+                              f"(this one reads format {FORMAT_VERSION}): "
+                              + ("upgrade qprompt" if newer else "export the artifact again with this qprompt"))
+        try:
+            tasks = [TaskEntry.from_dict(t) for t in data["tasks"]]
+            known = {f.name for f in fields(cls)}
+            manifest = cls(**{k: v for k, v in data.items() if k in known and k != "tasks"}, tasks=tasks)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ExportError(f"{path} lacks or misshapes a key ({exc}); {fix}") from None
+        if not manifest.tasks or any(not isinstance(t.label_targets, dict) for t in manifest.tasks):
+            raise ExportError(f"{path} names no task, or a task's label_targets is not an object; {fix}")
+        return manifest
