@@ -1,0 +1,195 @@
+"""One graph, many tasks: a table of per-task prefixes, a task id per row, tasks added and removed in place.
+
+Three tiny artifacts of different methods and prompt lengths go into one graph. Every row of a batch
+that mixes them must give what it gives through its own task's single-task graph; adding or removing
+a task must leave every other task's outputs bit for bit as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qprompt.cli import main
+from qprompt.config import load_recipe, override
+from qprompt.data import load_splits
+from qprompt.errors import ExportError, QPromptError
+from qprompt.export import PARITY_ABS, PARITY_REL, add_task, export, remove_task
+from qprompt.models import load_model
+from qprompt.runtime import ExportedModel, Sampling
+from qprompt.train import train
+from tests.conftest import data_rows
+
+ROWS = [r["text"] for r in data_rows("rotten_tomatoes", "test", 12)]
+TASKS = {"pt": ("prompt-tuning", 4), "prefix": ("prefix-tuning", 6), "ptune": ("p-tuning", 3)}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dir, sentiment_files, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("tasks")
+    out = {}
+    for name, (method, tokens) in TASKS.items():
+        recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__name=method,
+                          method__virtual_tokens=tokens, train__max_steps=2, train__batch_size=8, train__lr=0.1,
+                          train__eval_every=0, train__eval_rows=8)
+        model, tok, info = load_model(recipe.model, recipe.quant)
+        splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
+        train(recipe, model, tok, info, splits, folder / name, progress=False)
+        out[name] = folder / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def singles(artifacts) -> dict[str, ExportedModel]:
+    graphs = {}
+    for name, path in artifacts.items():
+        export(path, path.parent / f"{name}-alone", parity_tokens=4)
+        graphs[name] = ExportedModel(path.parent / f"{name}-alone", providers=["CPUExecutionProvider"])
+    return graphs
+
+
+@pytest.fixture(scope="module")
+def bank(artifacts):
+    folder = artifacts["pt"].parent / "bank"
+    export([artifacts["pt"], artifacts["prefix"]], folder, parity_tokens=4)
+    return folder
+
+
+def logits_of(model: ExportedModel, prompts: list[list[int]], tasks: list[str | None]) -> np.ndarray:
+    """Next-token logits of a left-padded batch, each row with its task."""
+    ids, mask = model._left_pad(prompts)
+    logits, _ = model.forward(ids, mask, model.empty_past(len(prompts)), model.task_ids(tasks, len(prompts)))
+    return logits[:, -1]
+
+
+def test_a_mixed_batch_gives_each_row_its_single_task_graph_output(artifacts, singles, tmp_path):
+    folder = tmp_path / "all"
+    data = export(list(artifacts.values()), folder, names=list(artifacts), parity_tokens=4)
+    assert data.task_ids_input and data.prefix_slots == 6 and data.task_names == list(TASKS)
+    assert [t.virtual_tokens for t in data.tasks] == [4, 6, 3]
+    assert all(t.parity["greedy_tokens_equal"] and t.parity["max_abs_logit_diff"] < 1e-4 for t in data.tasks)
+    assert not (folder / "genai_config.json").exists()  # ORT GenAI cannot feed task_ids
+    graph = ExportedModel(folder, providers=["CPUExecutionProvider"])
+    names = [list(TASKS)[i % 3] for i in range(len(ROWS))]  # the tasks interleaved, row by row
+    prompts = [graph.prompt_ids(text, task=name) for text, name in zip(ROWS, names)]
+    mixed = logits_of(graph, prompts, names)
+    for name, single in singles.items():
+        rows = [i for i, n in enumerate(names) if n == name]
+        alone = logits_of(single, [prompts[i] for i in rows], [None] * len(rows))
+        # Padding slots add exact zeros; what differs is float32 summation order in differently shaped matmuls.
+        tolerance = max(PARITY_ABS, PARITY_REL * float(np.abs(alone).max()))
+        assert np.abs(mixed[rows] - alone).max() <= tolerance, name
+        assert (mixed[rows].argmax(-1) == alone.argmax(-1)).all()
+    # Generation and labels per task, through the one graph and through each task's own graph.
+    generated = graph.generate_ids(prompts, Sampling(max_new_tokens=5), names)
+    for name, single in singles.items():
+        rows = [i for i, n in enumerate(names) if n == name]
+        assert [generated[i] for i in rows] == single.generate_ids([prompts[i] for i in rows],
+                                                                   Sampling(max_new_tokens=5))
+        assert graph.classify(ROWS, task=name) == single.classify(ROWS)
+
+
+def test_adding_a_task_leaves_every_earlier_task_bit_identical(bank, artifacts, singles, tmp_path):
+    folder = tmp_path / "grown"
+    shutil.copytree(bank, folder)
+    before = ExportedModel(folder, providers=["CPUExecutionProvider"])
+    old = {name: logits_of(before, [before.prompt_ids(t, task=name) for t in ROWS], [name] * len(ROWS))
+           for name in before.tasks}
+    manifest = add_task(artifacts["ptune"], folder, parity_tokens=4)
+    assert manifest.task_names == ["pt", "prefix", "ptune"] and manifest.tasks[-1].parity["greedy_tokens_equal"]
+    after = ExportedModel(folder, providers=["CPUExecutionProvider"])
+    for name, expected in old.items():  # every earlier task's rows, one batch per task: the same bits
+        got = logits_of(after, [after.prompt_ids(t, task=name) for t in ROWS], [name] * len(ROWS))
+        assert np.array_equal(got, expected), name
+    assert after.classify(ROWS, task="ptune") == singles["ptune"].classify(ROWS)
+    # ... and removing one leaves the others bit-identical too (their ids move down: route by name).
+    remove_task(folder, "pt")
+    shrunk = ExportedModel(folder, providers=["CPUExecutionProvider"])
+    assert shrunk.tasks == ["prefix", "ptune"]
+    got = logits_of(shrunk, [shrunk.prompt_ids(t, task="prefix") for t in ROWS], ["prefix"] * len(ROWS))
+    assert np.array_equal(got, old["prefix"])
+    with pytest.raises(ExportError, match="no task 'pt'"):
+        shrunk.prompt_ids(ROWS[0], task="pt")
+
+
+def test_what_a_task_graph_refuses(bank, artifacts, tmp_path):
+    graph = ExportedModel(bank, providers=["CPUExecutionProvider"])
+    with pytest.raises(ExportError, match=r"serves 2 tasks \(pt, prefix\): name one"):
+        graph.classify(ROWS[:2])
+    with pytest.raises(ExportError, match="has no task 'nope'; its tasks: pt, prefix"):
+        graph.classify(ROWS[:2], task="nope")
+    folder = tmp_path / "b"
+    shutil.copytree(bank, folder)
+    with pytest.raises(QPromptError, match="already has a task named 'pt'"):
+        add_task(artifacts["pt"], folder)
+    small = tmp_path / "small"
+    export([artifacts["ptune"]], small, multi_task=True, parity_tokens=2)  # 3 slots per task
+    with pytest.raises(QPromptError, match="more than the graph's 3 prefix slots per task: export again with "
+                       "--prefix-slots 4"):
+        add_task(artifacts["pt"], small)
+    single = tmp_path / "single"
+    export(artifacts["pt"], single, parity_tokens=2)
+    with pytest.raises(QPromptError, match="single-task export"):
+        add_task(artifacts["ptune"], single)
+    with pytest.raises(QPromptError, match="the last task"):
+        remove_task(small, "ptune")
+    assert json.loads((folder / "qprompt-export.json").read_text())["tasks"][0]["name"] == "pt"  # nothing changed
+
+
+def test_the_command_line_routes_by_task(bank, artifacts, sentiment_files, tmp_path):
+    runner = CliRunner()
+    graph = ExportedModel(bank, providers=["CPUExecutionProvider"])
+    done = runner.invoke(main, ["run", str(bank), "--task", "prefix", "--prompt", ROWS[0], "--classify"])
+    assert done.exit_code == 0, done.output
+    assert done.output.strip() == graph.classify([ROWS[0]], task="prefix")[0]
+    done = runner.invoke(main, ["run", str(bank), "--prompt", ROWS[0]])
+    assert done.exit_code == 2 and "name one (--task NAME" in done.output
+    report = tmp_path / "e.json"
+    done = runner.invoke(main, ["eval", str(bank), "--task", "pt", "--data", str(sentiment_files["test"]), "--json",
+                                str(report)])
+    assert done.exit_code == 0, done.output
+    rows = data_rows("rotten_tomatoes", "test", 32)
+    assert json.loads(report.read_text())["predictions"] == graph.classify(rows, task="pt")
+    grown = tmp_path / "grown"
+    shutil.copytree(bank, grown)
+    done = runner.invoke(main, ["export", "--add", str(artifacts["ptune"]), "--to", str(grown), "--name", "third",
+                                "--parity-tokens", "2"])
+    assert done.exit_code == 0 and "tasks pt, prefix, third" in done.output, done.output
+    done = runner.invoke(main, ["export", "--remove", "prefix", "--to", str(grown)])
+    assert done.exit_code == 0 and "tasks pt, third" in done.output, done.output
+    done = runner.invoke(main, ["export", "--remove", "nope", "--to", str(grown)])
+    assert done.exit_code == 2 and "has no task 'nope'" in done.output
+
+
+def test_the_server_batches_requests_of_different_tasks(bank):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qprompt.serve import ServeOptions
+    from tests.test_serve import start_server
+
+    graph = ExportedModel(bank, providers=["CPUExecutionProvider"])
+    server, thread, client = start_server(graph, ServeOptions(max_batch=8, batch_window_ms=100))
+    try:
+        jobs = [(ROWS[i], ["pt", "prefix"][i % 2]) for i in range(6)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda j: client.post("/v1/completions", {"prompt": j[0], "task": j[1],
+                                                                                "max_tokens": 4}), jobs))
+        for (text, task), (status, body) in zip(jobs, answers):
+            assert status == 200, body
+            assert body["choices"][0]["text"].strip() == graph.generate([text], Sampling(max_new_tokens=4),
+                                                                        task=task)[0]
+        assert client.request("GET", "/metrics")[1]["largest_pass_rows"] > 1  # the tasks shared forward passes
+        status, body = client.post("/v1/classify", {"input": ROWS[:3], "task": "prefix"})
+        assert status == 200 and [d["label"] for d in body["data"]] == graph.classify(ROWS[:3], task="prefix")
+        status, body = client.post("/v1/completions", {"prompt": ROWS[0]})
+        assert status == 400 and "name one" in body["error"]["message"]
+        status, body = client.post("/v1/classify", {"input": ROWS[0], "task": "nope"})
+        assert status == 400 and "has no task 'nope'" in body["error"]["message"]
+        assert [t["name"] for t in client.request("GET", "/health")[1]["tasks"]] == ["pt", "prefix"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
