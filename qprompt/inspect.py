@@ -125,11 +125,9 @@ def inspect_prompt(model, tokenizer, recipe: RecipeConfig, rows: list[dict] | No
     `tokens` has one entry per virtual token; the per-method parts sit under `embedding` or `prefix`.
     """
     model.eval()  # p-tuning's encoder may hold dropout: the prompt must be the one the model scores with
-    prefix = is_prefix(model)
     report = {"method": recipe.method.name, "exports_as": get_method(recipe.method.name).exports_as,
-              "virtual_tokens": virtual_tokens(model), "embedding": None, "prefix": None, "importance": None,
-              "per_layer_importance": None}
-    if prefix:
+              "virtual_tokens": virtual_tokens(model), "embedding": None, "prefix": None, "importance": None}
+    if is_prefix(model):
         report["prefix"] = prefix_norms(model)
         tokens = report["prefix"].pop("tokens")
     else:
