@@ -559,6 +559,54 @@ def generate(artifact, prompt, raw, max_new_tokens, quant, compute_dtype, device
     click.echo(generate_texts(model, tokenizer, [ids], max_new_tokens)[0])
 
 
+@main.command("inspect")
+@click.argument("artifact", type=click.Path())
+@click.option("--data", type=str, default=None,
+              help="Validation rows to measure importance on [default: the recipe's validation split].")
+@click.option("--rows", "n_rows", type=click.IntRange(1), default=64, show_default=True,
+              help="Rows scored per importance evaluation (the first N of --data).")
+@click.option("--top", type=click.IntRange(1), default=3, show_default=True,
+              help="Nearest vocabulary tokens shown per virtual token.")
+@click.option("--no-importance", is_flag=True,
+              help="Skip the importance evaluations (one per virtual token) and reading rows.")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw a heat map to this PNG file.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write everything to this JSON file.")
+@model_options
+def inspect_command(artifact, data, n_rows, top, no_importance, png, json_out, quant, compute_dtype, device):
+    """Make a trained soft prompt readable: per virtual token, the nearest vocabulary tokens (cosine), its norm
+    next to the vocabulary's typical norm, and its importance: the validation metric with that token dropped
+    (hidden from attention) minus the full prompt's. Prefix tuning shows per-layer key/value norms instead of
+    nearest tokens. Importance costs one evaluation of --rows rows per virtual token (plus one for the full
+    prompt); --no-importance skips it."""
+    from .artifact import load_artifact, read_manifest, recipe_of
+    from .data import check_recipe_rows, load_splits, read_rows
+    from .forward import virtual_tokens
+    from .inspect import draw_png, format_table, inspect_prompt
+
+    quiet_libraries()
+    if data and no_importance:
+        raise QPromptError("--data gives the rows importance is measured on: drop --no-importance or --data")
+    check_output_file(png, "--png")
+    check_output_file(json_out, "--json")
+    # Read and check the rows before loading a model, so a bad file fails in a second, not after a load.
+    cfg = recipe_of(read_manifest(artifact))
+    rows, where = None, data or f"{cfg.name} validation split"
+    if not no_importance:
+        rows = (read_rows(data) if data else load_splits(cfg)["validation"])[:n_rows]
+        check_recipe_rows(cfg, rows, where)
+    model, tokenizer, cfg, _ = load_artifact(artifact, None, quant, compute_dtype, device)
+    if rows is not None:
+        click.echo(f"measuring importance: {virtual_tokens(model) + 1} evaluations of {len(rows)} rows", err=True)
+    report = {"artifact": str(artifact), **inspect_prompt(model, tokenizer, cfg, rows, top, where)}
+    for line in format_table(report):
+        click.echo(line)
+    if png:
+        draw_png(report, png)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+
+
 @main.command()
 @click.argument("name", required=False)
 def recipes(name):

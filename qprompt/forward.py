@@ -7,8 +7,10 @@ scored, instead of over the whole vocabulary at every position.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterable, Iterator
 
 import torch
 from peft import PeftModel, PeftType
@@ -60,11 +62,38 @@ class FixedPrefix(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
+# The model attribute `masked_virtual_tokens` sets: the virtual-token slots hidden from attention.
+_MASKED_SLOTS = "_qprompt_masked_virtual_tokens"
+
+
+@contextlib.contextmanager
+def masked_virtual_tokens(model, slots: Iterable[int]) -> Iterator[None]:
+    """Within the block, every forward pass here runs as if the virtual tokens in `slots` were dropped.
+
+    Their columns of the attention mask are zeroed, so no token (real, or a later virtual one) attends to
+    them, in any layer; every other token keeps its position. This is how `qprompt inspect` measures a
+    virtual token's importance. Zeroing a token's embedding would not drop it: a zero vector still gets
+    keys and values after the norm layers and takes a share of the attention. Outside such a block the
+    forward pass is exactly the usual one (no mask edit happens at all).
+    """
+    slots = sorted(set(slots))
+    n_virtual = virtual_tokens(model)
+    if any(not 0 <= s < n_virtual for s in slots):
+        raise ValueError(f"virtual token slots must lie in 0..{n_virtual - 1}, got {slots}")
+    before = getattr(model, _MASKED_SLOTS, None)
+    setattr(model, _MASKED_SLOTS, tuple(slots) or None)  # nothing masked: the plain path
+    try:
+        yield
+    finally:
+        setattr(model, _MASKED_SLOTS, before)
+
+
 def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """The decoder's inputs for [soft prompt; real tokens]: (embeds, mask, positions, prefix, n_front).
 
     `prefix` holds prefix tuning's per-layer (keys, values), else None; `n_front` counts the virtual
-    token embeddings put in front of the real ones (prompt tuning, p-tuning), else 0.
+    token embeddings put in front of the real ones (prompt tuning, p-tuning), else 0. Inside
+    `masked_virtual_tokens` the mask hides the chosen virtual tokens.
     """
     base = base_of(model)
     embeds = base.get_input_embeddings()(input_ids)
@@ -74,6 +103,9 @@ def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     # or right padding gives every row the positions it has alone (and that the ONNX export uses).
     positions = real_positions(attention_mask, n_virtual)
     mask = torch.cat([attention_mask.new_ones((batch, n_virtual)), attention_mask], dim=1)
+    masked = getattr(model, _MASKED_SLOTS, None)
+    if masked:  # the virtual tokens come first in the mask, whether embeddings or a KV prefix
+        mask[:, list(masked)] = 0
     if is_prefix(model):  # the learned keys/values, read by every layer
         prefix = [(layer.keys, layer.values) for layer in model.get_prompt(batch_size=batch).layers]
         return embeds, mask, positions, prefix, 0
