@@ -79,6 +79,8 @@ def quiet_libraries() -> None:
     log.setLevel(logging.INFO)
     # PEFT calls a transformers method that warns about its own deprecation on every load.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # PEFT 0.21 hands prefix tuning's prefix to transformers under its old name, which 5.24 still takes.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated.*", category=FutureWarning)
     # torch's ONNX exporter notes about its own internals (pytree's LeafSpec, merged dynamic axis names).
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used.*", category=UserWarning)
