@@ -9,7 +9,7 @@ or newer qprompt is refused with a message saying which to run. Torch-free.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ExportError
@@ -112,15 +112,27 @@ class ExportManifest:
         version = str(data["format"]).split("/", 1)[1]
         if version != str(FORMAT_VERSION):
             newer = version.isdigit() and int(version) > FORMAT_VERSION
-            raise ExportError(f"{path} is format {version}, written by a {'newer' if newer else 'older'} qprompt "
+            raise ExportError(f"{path} is format {version}, written by {'a newer' if newer else 'an older'} qprompt "
                               f"(this one reads format {FORMAT_VERSION}): "
                               + ("upgrade qprompt" if newer else "export the artifact again with this qprompt"))
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data]
+        tasks = data.get("tasks")
+        if not missing and (not isinstance(tasks, list) or not tasks):
+            missing = ["tasks"]
+        for i, task in enumerate(tasks if not missing else []):
+            needed = ["name", "kind", "template", "label_field", "label_targets", "virtual_tokens"]
+            missing += [f"tasks[{i}].{k}" for k in needed if not isinstance(task, dict) or k not in task]
+            template = task.get("template") if isinstance(task, dict) else None
+            if not missing and not (isinstance(template, dict) and isinstance(template.get("prompt"), str)):
+                missing.append(f"tasks[{i}].template.prompt")
+            if not missing and not isinstance(task["label_targets"], dict):
+                raise ExportError(f"{path}: tasks[{i}].label_targets must be an object; {fix}")
+        if missing:
+            raise ExportError(f"{path} lacks the key {missing[0]!r}; {fix}")
         try:
-            tasks = [TaskEntry.from_dict(t) for t in data["tasks"]]
             known = {f.name for f in fields(cls)}
-            manifest = cls(**{k: v for k, v in data.items() if k in known and k != "tasks"}, tasks=tasks)
+            return cls(**{k: v for k, v in data.items() if k in known and k != "tasks"},
+                       tasks=[TaskEntry.from_dict(t) for t in tasks])
         except (KeyError, TypeError, AttributeError) as exc:
-            raise ExportError(f"{path} lacks or misshapes a key ({exc}); {fix}") from None
-        if not manifest.tasks or any(not isinstance(t.label_targets, dict) for t in manifest.tasks):
-            raise ExportError(f"{path} names no task, or a task's label_targets is not an object; {fix}")
-        return manifest
+            raise ExportError(f"{path} has a key of the wrong shape ({exc}); {fix}") from None

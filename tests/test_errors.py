@@ -160,7 +160,11 @@ def test_damaged_artifact_manifest(artifact, sentiment_files, tmp_path, damage, 
     (lambda m: b"{not json", ["is not valid JSON", "export again"]),
     (lambda m: b"\xff\xfe{}", ["is not UTF-8 text", "export again"]),
     (lambda m: json.dumps({k: v for k, v in m.items() if k != "head_dim"}).encode(), ["lacks the key 'head_dim'"]),
-    (lambda m: json.dumps({**m, "template": {}}).encode(), ["lacks the key 'template.prompt'"]),
+    (lambda m: json.dumps({**m, "tasks": [{**m["tasks"][0], "template": {}}]}).encode(),
+     ["lacks the key 'tasks[0].template.prompt'"]),
+    (lambda m: json.dumps({**m, "format": "qprompt-export/1"}).encode(),
+     ["format 1, written by an older qprompt", "export the artifact again with this qprompt"]),
+    (lambda m: json.dumps({**m, "format": "qprompt-export/3"}).encode(), ["format 3, written by a newer", "upgrade"]),
 ])
 def test_damaged_export_manifest(exported, sentiment_files, tmp_path, damage, words):
     exp = copy_of(exported, tmp_path)
