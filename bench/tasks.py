@@ -6,8 +6,9 @@ of the first 1, 2 and 4 of them, then measures:
   - file size and resident memory: one N-task graph against N single-task graphs, N = 1, 2, 4
     (each set loaded in a fresh process; resident = peak RSS after loading and one request per task);
   - bytes added per task (the growth of the graph from N = 1 to N = 2, against the prefix tensors);
-  - throughput: classification rows/s of a mixed batch (the classification tasks' rows interleaved,
-    one task graph) against single-task batches (each task's rows through its own graph), same rows.
+  - throughput: prefill rows/s (what scoring one-token labels costs) of mixed batches (the
+    classification tasks' rows interleaved, one task graph) against single-task batches (each task's
+    rows through its own graph), the same rows and batch size.
 
     python bench/tasks.py --artifact sentiment=runs/sentiment --artifact spam=runs/spam \\
         --artifact nli=runs/nli --artifact summarize=runs/summarize [--rows 200] [--work /tmp/bench-tasks]
@@ -27,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 from qprompt.runtime import ExportedModel, Sampling
 graphs = [ExportedModel(f, threads=1) for f in sys.argv[1:]]
 for g in graphs:
     for t in g.tasks:
         g.generate([{f: "a short test input" for f in g.fields(t)}], Sampling(max_new_tokens=1), task=t)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the parent's peak.
+print([int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")][0])
 """
 
 
@@ -130,12 +132,18 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
     mixed = [(n, per_task[n][i]) for i in range(count) for n in classification]
     graphs = {n: ExportedModel(singles[n], threads=2) for n in classification}
 
+    def passes(model, prompts: list[list[int]], tasks: list[str | None]) -> None:
+        """Prefill passes over `batch` rows at a time: what scoring one-token labels costs."""
+        for start in range(0, len(prompts), batch):
+            ids, mask = model._left_pad(prompts[start : start + batch])
+            model.forward(ids, mask, model.empty_past(len(ids)), model.task_ids(tasks[start : start + batch], len(ids)))
+
     def run_mixed():
-        full.label_scores([p for _, p in mixed], batch, [n for n, _ in mixed])
+        passes(full, [p for _, p in mixed], [n for n, _ in mixed])
 
     def run_single():
         for n in classification:
-            graphs[n].label_scores(per_task[n][:count], batch)
+            passes(graphs[n], per_task[n][:count], [None] * count)
 
     timings = {"mixed": [], "single": []}
     for fn in (run_mixed, run_single):  # warm-up
