@@ -85,6 +85,13 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv), "tasks": names}
 
+    def save() -> None:  # after every part: a stopped run keeps what it measured
+        from machine import describe
+
+        results["machine"] = describe()
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(results, indent=1) + "\n")
+
     def exported(folder: Path, build) -> Path:
         if not (folder / "qprompt-export.json").is_file():
             start = time.perf_counter()
@@ -110,6 +117,7 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
                          "own_graph": score(alone, None, test, task.kind, task.label_field, labels)}
         click.echo(f"{name}: {metrics[name]}", err=True)
     results["metrics"] = metrics
+    save()
 
     # Size and memory: one N-task graph against N single-task graphs.
     sizes = {}
@@ -124,6 +132,7 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
         prefix_bytes = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim * manifest.prefix_slots * 4
         grown = (banks[2] / "model.onnx").stat().st_size - (banks[1] / "model.onnx").stat().st_size
         results["bytes_per_task"] = {"measured": grown, "prefix_tensors": prefix_bytes + manifest.prefix_slots + 8}
+    save()
 
     # Throughput: a mixed batch (classification tasks interleaved) against single-task batches, same rows.
     classification = [n for n in names if full.task(n).kind == "classification"]
@@ -159,12 +168,7 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
                              "single_rows_per_s": round(len(mixed) / best["single"], 1),
                              "ratio": round(best["single"] / best["mixed"], 3), "seconds": timings}
     click.echo(json.dumps(results["throughput"]), err=True)
-
-    from machine import describe
-
-    results["machine"] = describe()
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps(results, indent=1) + "\n")
+    save()
     click.echo(f"wrote {json_out}")
 
 
