@@ -57,8 +57,8 @@ def test_a_registered_method_is_a_choice_that_plans_trains_and_exports(new_metho
     recipe = json.loads((out / "qprompt.json").read_text())["recipe"]
     assert recipe["method"]["name"] == "test-tuning" and recipe["train"]["lr"] == 0.05  # its own suggested rate
     data = export(out, tmp_path / "export", parity_tokens=2)
-    assert data["source"]["method"] == "test-tuning" and data["num_virtual_tokens"] == 4
-    assert data["parity"]["greedy_tokens_equal"]
+    assert data.tasks[0].source["method"] == "test-tuning" and data.tasks[0].virtual_tokens == 4
+    assert data.tasks[0].parity["greedy_tokens_equal"]
 
 
 def test_an_unknown_method_is_one_clear_error(tmp_path):
