@@ -289,7 +289,7 @@ def genai_part(results, virtual_tokens, new_tokens, repeats, rows, work, reuse=F
 
     prompt_ids = latency_exports(virtual_tokens, work, reuse, graphs=("fp32",))
     results["prompt_tokens"] = len(prompt_ids)
-    load_before = os.getloadavg()  # this machine is shared: the load says whether a run was disturbed
+    others_before = other_processes_cpu()  # this machine is shared: did other work run beside the timings?
     soft, bare = og.Model(str(work / "latency")), og.Model(str(work / "bare"))
     # ORT GenAI's default thread pool is half the logical CPUs (1 on this 2-core VM); ORT's own default, which
     # qprompt's runtime keeps, is the physical cores (2 here). A third row gives ORT GenAI ORT's default (0).
@@ -321,8 +321,28 @@ def genai_part(results, virtual_tokens, new_tokens, repeats, rows, work, reuse=F
                      "per_token": round((m["full"] - m["first"]) / new_tokens * 1e3, 2)} for row, m in medians.items()}
     results["genai"] = {"latency_ms": latency, "checks": checks,
                         "genai_default_threads": min(16, max(1, (os.cpu_count() or 2) // 2)),
-                        "loadavg_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+                        "other_processes_cores": other_processes_cores(others_before),
                         "classification": genai_classification(soft, runtime, rows, repeats)}
+
+
+def other_processes_cpu() -> tuple[float, float] | None:
+    """(CPU seconds all processes but this one have used since boot, wall clock), from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = sum(fields[:3]) + sum(fields[5:8])  # user, nice, system, irq, softirq, steal (not idle, iowait)
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK") - own.user - own.system, time.time()
+
+
+def other_processes_cores(before: tuple[float, float] | None) -> float | None:
+    """How many cores other processes kept busy, on average, since `before`: 0 is a quiet machine."""
+    after = other_processes_cpu()
+    if before is None or after is None:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
 
 
 def genai_ids(model, text: str) -> list[int]:
