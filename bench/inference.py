@@ -394,7 +394,7 @@ def genai_classification(model, runtime, rows, repeats, batch_size=16) -> dict:
     labels = list(runtime.label_ids())
     if any(len(runtime.label_ids()[lab]) != 1 for lab in labels):
         return {"skipped": "a label has more than one token: ORT GenAI exposes only the next token's logits"}
-    label_ids = [runtime.label_ids[lab][0] for lab in labels]
+    label_ids = [runtime.label_ids()[lab][0] for lab in labels]
     prompts = [runtime.prompt_ids(r) for r in test_rows]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # as classify batches: similar lengths
     prompts = [prompts[i] for i in order]
