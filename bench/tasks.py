@@ -74,8 +74,11 @@ def score(model, task: str | None, rows: list[dict], kind: str, label_field: str
 @click.option("--generation-rows", default=20, show_default=True, help="Test rows per generation task.")
 @click.option("--batch", default=16, show_default=True, help="Rows per forward pass in the throughput part.")
 @click.option("--work", type=click.Path(file_okay=False), default="/tmp/bench-tasks", show_default=True)
+@click.option("--parts", default="metrics,size,throughput", show_default=True,
+              help="Which parts to run; results merge into an existing --out file.")
+@click.option("--throughput-rows", default=64, show_default=True, help="Test rows per task in the throughput part.")
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "tasks.json"), show_default=True)
-def main(artifacts, rows, generation_rows, batch, work, json_out):
+def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, json_out):
     from qprompt.export import export
     from qprompt.runtime import ExportedModel
 
@@ -83,7 +86,11 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
     names, paths = list(named), [Path(p) for p in named.values()]
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"command": " ".join(sys.argv), "tasks": names}
+    previous = json.loads(Path(json_out).read_text()) if Path(json_out).exists() else {}
+    results: dict = {**previous, "tasks": names}
+    results.setdefault("commands", {})
+    for part in parts.split(","):
+        results["commands"][part] = " ".join(sys.argv)
 
     def save() -> None:  # after every part: a stopped run keeps what it measured
         from machine import describe
@@ -106,7 +113,7 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
     # Each task's metric through the task graph and through its own graph.
     full = ExportedModel(banks[max(banks)], threads=2)
     metrics = {}
-    for name in names:
+    for name in names if "metrics" in parts else []:
         task = full.task(name)
         n = rows if task.kind == "classification" else generation_rows
         test = test_rows(Path(named[name]), n)
@@ -116,18 +123,20 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
                          "task_graph": score(full, name, test, task.kind, task.label_field, labels),
                          "own_graph": score(alone, None, test, task.kind, task.label_field, labels)}
         click.echo(f"{name}: {metrics[name]}", err=True)
-    results["metrics"] = metrics
-    save()
+    if metrics:
+        results["metrics"] = metrics
+        save()
 
     # Size and memory: one N-task graph against N single-task graphs.
     sizes = {}
-    for k, bank in banks.items():
+    for k, bank in banks.items() if "size" in parts else []:
         own = [singles[n] for n in names[:k]]
         sizes[k] = {"task_graph_mb": folder_mb(bank), "single_graphs_mb": round(sum(folder_mb(f) for f in own), 2),
                     "task_graph_rss_mb": peak_rss_mb([bank]), "single_graphs_rss_mb": peak_rss_mb(own)}
         click.echo(f"N={k}: {sizes[k]}", err=True)
-    results["size"] = sizes
-    if 1 in banks and 2 in banks:
+    if sizes:
+        results["size"] = sizes
+    if "size" in parts and 1 in banks and 2 in banks:
         manifest = full.manifest
         prefix_bytes = manifest.num_layers * 2 * manifest.num_kv_heads * manifest.head_dim * manifest.prefix_slots * 4
         grown = (banks[2] / "model.onnx").stat().st_size - (banks[1] / "model.onnx").stat().st_size
@@ -135,8 +144,11 @@ def main(artifacts, rows, generation_rows, batch, work, json_out):
     save()
 
     # Throughput: a mixed batch (classification tasks interleaved) against single-task batches, same rows.
+    if "throughput" not in parts:
+        return
     classification = [n for n in names if full.task(n).kind == "classification"]
-    per_task = {n: [full.prompt_ids(r, task=n) for r in test_rows(Path(named[n]), rows)] for n in classification}
+    per_task = {n: [full.prompt_ids(r, task=n) for r in test_rows(Path(named[n]), throughput_rows)]
+                for n in classification}
     count = min(len(v) for v in per_task.values())
     mixed = [(n, per_task[n][i]) for i in range(count) for n in classification]
     graphs = {n: ExportedModel(singles[n], threads=2) for n in classification}
