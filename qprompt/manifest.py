@@ -21,6 +21,16 @@ FORMAT_VERSION = 2
 EXPORT_FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 
 
+def read_json(path: Path, fix: str):
+    """The JSON in a file qprompt wrote; not UTF-8 or not JSON is an ExportError naming the file and `fix`."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ExportError(f"{path} is not UTF-8 text, so not a file qprompt wrote; {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+
+
 @dataclass
 class TaskEntry:
     """One task the graph serves."""
@@ -101,12 +111,7 @@ class ExportManifest:
         if not path.is_file():
             raise ExportError(f"{folder} has no {EXPORT_MANIFEST}, so it is not a qprompt export; run `qprompt export`")
         fix = "export again with this qprompt"
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ExportError(f"{path} is not UTF-8 text, so not a file qprompt wrote; {fix}") from None
-        except json.JSONDecodeError as exc:
-            raise ExportError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+        data = read_json(path, fix)
         if not isinstance(data, dict) or not str(data.get("format", "")).startswith(FORMAT_NAME + "/"):
             raise ExportError(f"{path} is not a {FORMAT_NAME} manifest; {fix}")
         version = str(data["format"]).split("/", 1)[1]

@@ -12,14 +12,13 @@ batching, a KV cache for generation, and classification by label log-likelihood.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ExportError
-from .manifest import EXPORT_FORMAT, EXPORT_MANIFEST, ExportManifest, TaskEntry  # noqa: F401  (re-exported)
+from .manifest import EXPORT_MANIFEST, ExportManifest, TaskEntry, read_json
 
 # none: fp32 only. int8: weight-only, 8-bit blocks of 32 (MatMulNBits). int8-dynamic: int8 weights and
 # activations quantized per call (ORT's quantize_dynamic). int4: weight-only, 4-bit blocks of 32.
@@ -58,12 +57,7 @@ def default_providers() -> list[str]:
 def read_json_object(path: Path, format: str, required: tuple[str, ...], fix: str) -> dict:
     """A manifest qprompt wrote: UTF-8 JSON, an object, of `format`, with every `required` key (dotted for
     nested ones). Each problem is an ExportError naming it and `fix`."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ExportError(f"{path} is not UTF-8 text, so not a file qprompt wrote; {fix}") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+    data = read_json(path, fix)
     if not isinstance(data, dict) or data.get("format") != format:
         raise ExportError(f"{path} is not a {format} manifest; {fix}")
     for key in required:
@@ -84,10 +78,6 @@ def read_tokenizer(path: Path, fix: str):
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ExportError(f"{path} is damaged ({first}); {fix}") from exc
-
-
-def read_export_manifest(folder: str | Path) -> ExportManifest:
-    return ExportManifest.read(folder)
 
 
 class ExportedModel:
