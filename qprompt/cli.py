@@ -145,6 +145,8 @@ def job_options(default_output: str):
                          help="Score only the first N test rows."),
             click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps."),
             click.option("--virtual-tokens", type=click.IntRange(1), default=None, help="Number of virtual tokens."),
+            click.option("--init-from", type=click.Path(file_okay=False), default=None,
+                         help="Start from this artifact's learned prompt (e.g. a `qprompt multitask` one)."),
             click.option("--lr", type=float, default=None, help="Peak learning rate [default: the recipe's; for "
                          f"another --method, the rate measured for it: {_suggested_rates()}]."),
             click.option("--output", type=click.Path(file_okay=False), default=default_output, show_default=True,
@@ -162,7 +164,7 @@ def job_options(default_output: str):
 
 
 def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
-         virtual_tokens, lr, output, resume, overwrite, json_out):
+         virtual_tokens, init_from, lr, output, resume, overwrite, json_out):
     """The recipe with the options' overrides, and the job's options; both checked before any work."""
     from .config import override
     from .methods import learning_rate_for
@@ -172,7 +174,8 @@ def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, t
     check_output_file(json_out, "--json")
     check_output_folder(output, "--output")
     recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
-                      method__virtual_tokens=virtual_tokens, train__lr=learning_rate_for(method, recipe, lr))
+                      method__virtual_tokens=virtual_tokens, method__init_from=init_from,
+                      train__lr=learning_rate_for(method, recipe, lr))
     return recipe, JobOptions(output, data, eval_data, test_data, test_limit, resume, overwrite, compute_dtype,
                               device, json_out)
 
@@ -229,6 +232,8 @@ def job(recipe_name, **options):
 @click.option("--init", type=click.Choice(["text", "labels", "vocab", "random"]), default=None,
               help="Initialisation (prompt tuning, and prefix tuning without projection: keys/values of the tokens): "
                    "instruction text, label words, random words, random.")
+@click.option("--init-from", type=click.Path(file_okay=False), default=None,
+              help="Start from this artifact's learned prompt (e.g. a `qprompt multitask` one) instead of --init.")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(1), default=None, help="Micro-batches per optimizer step.")
@@ -249,7 +254,7 @@ def job(recipe_name, **options):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
 def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, encoder,
-          prefix_projection, virtual_tokens, init,
+          prefix_projection, virtual_tokens, init, init_from,
           max_steps, batch_size, grad_accum, lr, gradient_checkpointing, lean_memory, eval_every, max_length, on_long,
           seed, output, resume, overwrite):
     """Train a soft prompt; the base model stays frozen."""
@@ -266,7 +271,8 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     lr = learning_rate_for(method, cfg, lr)
     cfg = override(cfg, model=model_name, quant=quant, method__name=method, method__encoder=encoder,
                    method__prefix_projection=prefix_projection, method__virtual_tokens=virtual_tokens,
-                   method__init=init, train__max_steps=max_steps, train__batch_size=batch_size,
+                   method__init=init, method__init_from=init_from, train__max_steps=max_steps,
+                   train__batch_size=batch_size,
                    train__grad_accum=grad_accum, train__lr=lr, train__eval_every=eval_every, train__seed=seed,
                    train__gradient_checkpointing=gradient_checkpointing, train__lean_memory=lean_memory,
                    data__max_length=max_length, data__on_long=on_long)
@@ -283,6 +289,55 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     click.echo(f"saved soft prompt to {output} ({metric.removeprefix('validation_')} {m[metric]:.4f} on "
                f"{m['validation_rows']} validation rows, best at step {t['best_step']}; {t['steps']} steps in "
                f"{t['wall_seconds']:.0f} s, {t['tokens_per_s']:.0f} tokens/s)")
+
+
+@main.command()
+@click.argument("recipe_names", metavar="RECIPE...", nargs=-1, required=True)
+@click.option("--output", type=click.Path(file_okay=False), required=True, help="Artifact folder.")
+@click.option("--model", "model_name", type=str, default=None, help="Base model [default: the first recipe's].")
+@model_options
+@click.option("--data", "data", multiple=True, metavar="RECIPE=FILE",
+              help="A recipe's training rows instead of its source (repeatable).")
+@click.option("--method", type=click.Choice(["prompt-tuning", "multitask-prompt-tuning"]), default="prompt-tuning",
+              show_default=True, help="One prompt shared by every task (SPoT), or shared x a per-task part (MPT): "
+              "docs/results.md measures both.")
+@click.option("--virtual-tokens", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--init", type=click.Choice(["text", "vocab", "random"]), default="vocab", show_default=True,
+              help="Start from --init-text's tokens, random vocabulary words, or noise.")
+@click.option("--init-text", type=str, default="", help="Text for --init text.")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps [default: the first "
+              "recipe's].")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Examples per micro-batch (tasks mixed).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: the first recipe's].")
+@click.option("--eval-every", type=click.IntRange(0), default=None, help="Evaluate every N steps (0: at the end).")
+@click.option("--seed", type=int, default=None, help="Seed for initialisation and data order.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
+def multitask(recipe_names, output, model_name, quant, compute_dtype, device, data, method, virtual_tokens, init,
+              init_text, max_steps, batch_size, lr, eval_every, seed, resume, overwrite):
+    """Train one prompt on several recipes' rows at once; start a new task from it with `train --init-from`."""
+    from .config import MethodConfig, load_recipe, override
+    from .multitask import train_multitask
+
+    quiet_libraries()
+    check_output_folder(output, "--output")
+    recipes = [override(load_recipe(name), model=model_name, quant=quant) for name in recipe_names]
+    files = {}
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise QPromptError(f"--data {item!r}: write it as RECIPE=FILE, e.g. spam=sms.jsonl")
+        files[name] = path
+    shared = override(recipes[0], train__max_steps=max_steps, train__batch_size=batch_size, train__lr=lr,
+                      train__eval_every=eval_every, train__seed=seed).train
+    if init == "text" and not init_text:
+        raise QPromptError("--init text needs --init-text (the tasks have no one instruction); or use --init vocab")
+    spec = MethodConfig(name=method, virtual_tokens=virtual_tokens, init=init, init_text=init_text)
+    result = train_multitask(recipes, spec, shared, output, files, resume, overwrite, compute_dtype, device)
+    tasks = ", ".join(f"{t['name']} {t['metric']} {t['validation']:.4f}" for t in result["multitask"]["tasks"]
+                      if t["validation"] is not None)
+    click.echo(f"saved multitask prompt to {output} (best at step {result['training']['best_step']}: {tasks}); "
+               f"start a task from it with `qprompt train --init-from {output}`")
 
 
 @main.command("eval")

@@ -79,6 +79,15 @@ class MethodConfig:
     encoder_hidden_size: int = _f(0, "hidden size of the p-tuning encoder / prefix MLP (0: the model's hidden size)")
     prefix_projection: bool = _f(False, "prefix-tuning: learn the prefix through an MLP (Li & Liang); "
                                  "false learns it directly (the deep prompts of P-tuning v2)")
+    init_from: str = _f("", "artifact folder whose learned prompt this one starts from (prompt transfer, e.g. from "
+                        "a `qprompt multitask` prompt); replaces init; same base, method kind and virtual tokens")
+    tasks: int = _f(1, "multitask-prompt-tuning: tasks sharing the prompt, each with its own part (`qprompt "
+                    "multitask` sets it to the number of recipes)")
+
+
+# Fields added after artifacts and checkpoints existed: at their defaults they stay out of the recipe digest, so a
+# run started before them still resumes.
+_LATER_FIELDS = {"method": {"init_from": "", "tasks": 1}}
 
 
 @dataclass
@@ -122,6 +131,10 @@ class RecipeConfig:
         """Hash of everything that shapes training; a resumed run must match it."""
         d = self.to_dict()
         d["train"].pop("max_steps")  # extending a run is allowed
+        for section, defaults in _LATER_FIELDS.items():
+            for key, default in defaults.items():
+                if d[section][key] == default:
+                    del d[section][key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> RecipeConfig:
@@ -139,6 +152,10 @@ class RecipeConfig:
             for option, allowed in method.options.items():
                 if getattr(self.method, option) not in allowed:
                     raise QPromptError(f"recipe {self.name}: method.{option} must be {_either(allowed)}")
+        if self.method.init_from and not METHODS[self.method.name].starts_from_prompt(self.method):
+            raise QPromptError(f"recipe {self.name}: method.init_from needs a method that learns its prompt directly "
+                               f"({_either(m.name for m in METHODS.values() if m.starts_from_prompt(MethodConfig()))}"
+                               f"), not {self.method.name} as set here; pass --method prompt-tuning")
         if self.method.init == "labels" and not self.labels:
             raise QPromptError(f"recipe {self.name}: method.init=labels needs a classification recipe's labels")
         if self.method.init == "text" and not (self.method.init_text or self.template.instruction):
@@ -168,7 +185,8 @@ class RecipeConfig:
 
 # (field, lowest or "positive", highest or None): values the training loop cannot work with.
 _RANGES = [
-    ("method.virtual_tokens", 1, None), ("method.encoder_hidden_size", 0, None), ("data.validation_rows", 0, None),
+    ("method.virtual_tokens", 1, None), ("method.tasks", 1, None), ("method.encoder_hidden_size", 0, None),
+    ("data.validation_rows", 0, None),
     ("data.test_rows", 0, None), ("data.max_length", 8, None), ("train.max_steps", 1, None),
     ("train.batch_size", 1, None), ("train.grad_accum", 1, None), ("train.lr", "positive", None),
     ("train.weight_decay", 0, None), ("train.warmup_steps", 0, None), ("train.min_lr_ratio", 0, 1),

@@ -34,7 +34,7 @@ from . import __version__, owned
 from .artifact import load_artifact, write_json
 from .data import template_of
 from .errors import QPromptError
-from .forward import cache_kwargs, cache_of, greedy_generate, is_prefix, virtual_tokens
+from .forward import cache_kwargs, cache_of, greedy_generate, is_multitask, is_prefix, soft_prompt, virtual_tokens
 from .genai import GENAI_CONFIG, genai_config
 from .manifest import EXPORT_MANIFEST, ExportManifest, TaskEntry
 from .plan import kv_shape
@@ -204,10 +204,10 @@ def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if not virtual_tokens(model):
         return []
     if is_prefix(model):  # prefix tuning learned these keys/values directly
-        cache = model.get_prompt(batch_size=1)
+        cache = soft_prompt(model, 1)
         return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     base = model.get_base_model()
-    prompts = model.get_prompt(batch_size=1).to(base.dtype)
+    prompts = soft_prompt(model, 1).to(base.dtype)
     out = base.get_decoder()(inputs_embeds=prompts, use_cache=True)
     return [(layer.keys.clone(), layer.values.clone()) for layer in cache_of(out).layers]
 
@@ -361,7 +361,9 @@ def parity(model, exported: ExportedModel, prompts: list[list[int]], new_tokens:
     task_ids = exported.task_ids(task, 1)
     for ids, onnx_new in zip(prompts, onnx_tokens):
         x = torch.tensor([ids])
-        ref = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        # A multitask prompt exports its first task's prompt (soft_prompt's default): PEFT must be asked for it.
+        first_task = {"task_ids": torch.zeros(1, dtype=torch.long)} if is_multitask(model) else {}
+        ref = model(input_ids=x, attention_mask=torch.ones_like(x), **first_task).logits
         if not is_prefix(model):  # PEFT returns logits for the virtual tokens too
             ref = ref[:, virtual_tokens(model):]
         logits, _ = exported.forward(x.numpy(), np.ones_like(x.numpy()), exported.empty_past(1), task_ids)

@@ -23,6 +23,12 @@ def virtual_tokens(model) -> int:
     return model.active_peft_config.num_virtual_tokens if isinstance(model, PeftModel) else 0
 
 
+def is_multitask(model) -> bool:
+    """Whether the prompt is PEFT's multitask prompt tuning: a shared prompt times a per-task matrix, so every row
+    needs its task's id."""
+    return isinstance(model, PeftModel) and model.active_peft_config.peft_type == PeftType.MULTITASK_PROMPT_TUNING
+
+
 def is_prefix(model) -> bool:
     """Whether the soft prompt is a KV prefix (keys/values for every layer, as prefix tuning learns) rather than
     input embeddings. PEFT's config type decides how its model runs; each registered method declares the same
@@ -62,6 +68,33 @@ class FixedPrefix(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
+# The model attribute `prompt_task` sets: the task id of a multitask prompt's rows.
+_TASK = "_qprompt_task_id"
+
+
+@contextlib.contextmanager
+def prompt_task(model, task_id: int) -> Iterator[None]:
+    """Within the block, a multitask prompt (`is_multitask`) gives every row task `task_id`'s prompt; a batch
+    may also carry its own `task_ids`. Other prompts ignore it. Outside any block the task is 0."""
+    before = getattr(model, _TASK, None)
+    setattr(model, _TASK, task_id)
+    try:
+        yield
+    finally:
+        setattr(model, _TASK, before)
+
+
+def soft_prompt(model, batch: int, task_ids: torch.Tensor | None = None):
+    """PEFT's prompt for `batch` rows: embeddings (B, n, H), or prefix tuning's per-layer cache. A multitask
+    prompt takes each row's task from `task_ids` (B,), else from `prompt_task`, else task 0."""
+    if not is_multitask(model):
+        return model.get_prompt(batch_size=batch)
+    if task_ids is None:
+        device = model.get_base_model().get_input_embeddings().weight.device
+        task_ids = torch.full((batch,), getattr(model, _TASK, None) or 0, dtype=torch.long, device=device)
+    return model.get_prompt(batch_size=batch, task_ids=task_ids)
+
+
 # The model attribute `masked_virtual_tokens` sets: the virtual-token slots hidden from attention.
 _MASKED_SLOTS = "_qprompt_masked_virtual_tokens"
 
@@ -88,12 +121,14 @@ def masked_virtual_tokens(model, slots: Iterable[int]) -> Iterator[None]:
         setattr(model, _MASKED_SLOTS, before)
 
 
-def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     task_ids: torch.Tensor | None = None):
     """The decoder's inputs for [soft prompt; real tokens]: (embeds, mask, positions, prefix, n_front).
 
     `prefix` holds prefix tuning's per-layer (keys, values), else None; `n_front` counts the virtual
     token embeddings put in front of the real ones (prompt tuning, p-tuning), else 0. Inside
-    `masked_virtual_tokens` the mask hides the chosen virtual tokens.
+    `masked_virtual_tokens` the mask hides the chosen virtual tokens. `task_ids` (B,): each row's task, for a
+    multitask prompt.
     """
     base = base_of(model)
     embeds = base.get_input_embeddings()(input_ids)
@@ -107,19 +142,20 @@ def _prompted_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if masked:  # the virtual tokens come first in the mask, whether embeddings or a KV prefix
         mask[:, list(masked)] = 0
     if is_prefix(model):  # the learned keys/values, read by every layer
-        prefix = [(layer.keys, layer.values) for layer in model.get_prompt(batch_size=batch).layers]
+        prefix = [(layer.keys, layer.values) for layer in soft_prompt(model, batch).layers]
         return embeds, mask, positions, prefix, 0
     if n_virtual:  # prompt tuning, p-tuning: virtual token embeddings in front, at positions 0..n-1
-        prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)
+        prompts = soft_prompt(model, batch, task_ids).to(embeds.dtype)
         embeds = torch.cat([prompts, embeds], dim=1)
         virtual_positions = torch.arange(n_virtual, device=input_ids.device).expand(batch, -1)
         positions = torch.cat([virtual_positions, positions], dim=1)
     return embeds, mask, positions, None, n_virtual
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  task_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Last hidden states of the real tokens (B, L, H), with the soft prompt (if any) in front."""
-    embeds, mask, positions, prefix, n_front = _prompted_inputs(model, input_ids, attention_mask)
+    embeds, mask, positions, prefix, n_front = _prompted_inputs(model, input_ids, attention_mask, task_ids)
     decoder = base_of(model).get_decoder()
     if prefix is not None:  # read, never extended: a checkpointed layer may run twice
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -170,9 +206,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the target tokens: (sum per row, number of target tokens per row)."""
+    """Log-probabilities of the target tokens: (sum per row, number of target tokens per row). A batch of several
+    tasks' rows carries their `task_ids` (a multitask prompt reads them)."""
     labels = batch["labels"]
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch.get("task_ids"))
     # Position t predicts token t+1: score hidden[:, t] against labels[:, t+1], only where it is a target.
     wanted = labels[:, 1:] != -100
     head = base_of(model).get_output_embeddings()

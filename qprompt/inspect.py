@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .config import RecipeConfig
 from .evaluate import evaluate, main_metric
-from .forward import base_of, is_prefix, masked_virtual_tokens, virtual_tokens
+from .forward import base_of, is_prefix, masked_virtual_tokens, soft_prompt, virtual_tokens
 from .methods import get_method
 
 # Vocabulary rows compared with the prompt at a time: bounds the memory of the cosine matrix for large
@@ -42,7 +42,7 @@ VOCAB_CHUNK = 16384
 @torch.no_grad()
 def prompt_embeddings(model) -> torch.Tensor:
     """The virtual token embeddings (n, hidden) the decoder reads: after p-tuning's MLP/LSTM encoder."""
-    return model.get_prompt(batch_size=1)[0].float()
+    return soft_prompt(model, 1)[0].float()
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def prefix_norms(model) -> dict:
     A virtual token's key at one layer is one vector per key/value head; attention reads each head
     apart, so the norm is taken per head and averaged over the heads.
     """
-    layers = model.get_prompt(batch_size=1).layers  # each: keys and values (1, kv_heads, n, head_dim)
+    layers = soft_prompt(model, 1).layers  # each: keys and values (1, kv_heads, n, head_dim)
     keys = [layer.keys[0].float().norm(dim=-1).mean(dim=0).tolist() for layer in layers]
     values = [layer.values[0].float().norm(dim=-1).mean(dim=0).tolist() for layer in layers]
     tokens = [{"index": i, "key_norm": sum(k[i] for k in keys) / len(keys),

@@ -38,7 +38,7 @@ from .memory import (
     lean_gated_mlp,
     return_freed_memory_to_the_os,
 )
-from .methods import add_soft_prompt, trainable_parameters
+from .methods import add_soft_prompt, copy_prompt, start_prompt, trainable_parameters
 from .models import ModelInfo
 
 log = logging.getLogger("qprompt")
@@ -161,6 +161,11 @@ def drop_lines_after(output: Path, step: int) -> None:
     os.replace(tmp, path)  # a kill now leaves the old log or the new one
 
 
+def read_metrics(output: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl (training lines and evaluation lines)."""
+    return [json.loads(x) for x in (output / METRICS).read_text().splitlines() if x.strip()]
+
+
 def plot_loss(output: Path) -> None:
     """loss.png from metrics.jsonl: training loss per step and the validation metric."""
     import matplotlib
@@ -168,7 +173,7 @@ def plot_loss(output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_metrics(output)
     train = [(r["step"], r["loss"]) for r in lines if "loss" in r]
     evals = [(r["step"], r["eval"]) for r in lines if "eval" in r]
     if not train:
@@ -226,13 +231,18 @@ class Trainer:
         restored from the last checkpoint when resuming; the output folder is touched only after every check."""
         check_output(self.output, resume, overwrite)
         self._encode_data()
+        self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
         self.state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0,
-                      "seconds": 0.0, "wall_seconds": 0.0, "recipe_digest": self.recipe.digest(),
+                      "seconds": 0.0, "wall_seconds": 0.0, "recipe_digest": self.digest(),
                       "fingerprint": self.info.fingerprint}
         self.wall_start = time.perf_counter()
         saved = self._read_checkpoint() if resume else None
+        method = self.recipe.method
+        start = None  # resuming reads the checkpoint's prompt instead
+        if method.init_from and saved is None:
+            start = start_prompt(method.init_from, method.name, method.virtual_tokens, self.info.fingerprint)
         prepare_output(self.output, resume, overwrite)
-        self._add_prompt(model, saved)
+        self._add_prompt(model, saved, start)
         self._build_optimizer(saved)
         owned.claim(self.output, METRICS)
         self.metrics_file = open(self.output / METRICS, "a")
@@ -243,19 +253,24 @@ class Trainer:
         self.val_rows = self.splits["validation"][: self.cfg.eval_rows or None]
         encoder.check_rows(self.val_rows, "validation data")
         self.batch_size = min(self.cfg.batch_size, len(self.examples))
-        self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
+
+    def digest(self) -> str:
+        """What a checkpoint must have been trained with to be resumed here."""
+        return self.recipe.digest()
 
     def _read_checkpoint(self) -> dict:
         saved = read_checkpoint_state(_checkpoint_dir(self.output) / "state.pt")  # weights_only: runs no code
-        if saved["recipe_digest"] != self.recipe.digest():
+        if saved["recipe_digest"] != self.digest():
             raise QPromptError(f"{self.output} was trained with different settings; resume with the same recipe and "
                                "options (only --max-steps may change), or train into a new --output")
         if saved["fingerprint"] != self.info.fingerprint:
             raise QPromptError(f"{self.output} was trained on another base model; resume with the same --model")
         return saved
 
-    def _add_prompt(self, model, saved: dict | None) -> None:
+    def _add_prompt(self, model, saved: dict | None, start=None) -> None:
         self.model = model = add_soft_prompt(model, self.recipe, self.info.path, self.cfg.seed)
+        if start is not None:
+            copy_prompt(model, start)
         if self.cfg.lean_memory and model.device.type == "cpu":
             return_freed_memory_to_the_os()
         if self.cfg.gradient_checkpointing:
@@ -346,8 +361,7 @@ class Trainer:
     def _epoch_order(self, epoch: int) -> list[int]:
         """A shuffled order in which each run of batch_size rows has similar lengths (less padding)."""
         rng = random.Random(self.cfg.seed * 1000 + epoch)
-        order = list(range(len(self.examples)))
-        rng.shuffle(order)
+        order = self._epoch_rows(epoch, rng)
         size, pool = self.batch_size, self.batch_size * 32
         groups = []
         for start in range(0, len(order), pool):  # sort within pools of 32 batches, then shuffle the batches
@@ -356,7 +370,17 @@ class Trainer:
         rng.shuffle(groups)  # a last partial batch is dropped; the next epoch's shuffle covers its rows
         return [i for g in groups for i in g]
 
+    def _epoch_rows(self, epoch: int, rng: random.Random) -> list[int]:
+        """The training examples one epoch visits, shuffled: all of them."""
+        order = list(range(len(self.examples)))
+        rng.shuffle(order)
+        return order
+
     def _next_batch(self) -> dict[str, torch.Tensor]:
+        return collate([self.examples[i] for i in self._next_rows()], self.tokenizer.pad_token_id)
+
+    def _next_rows(self) -> list[int]:
+        """The indices of the next batch's examples; the data order moves on."""
         state = self.state
         order = self.epoch_order(state["epoch"])
         if state["position"] + self.batch_size > len(order):
@@ -364,7 +388,7 @@ class Trainer:
             order = self.epoch_order(state["epoch"])
         picked = order[state["position"] : state["position"] + self.batch_size]
         state["position"] += self.batch_size
-        return collate([self.examples[i] for i in picked], self.tokenizer.pad_token_id)
+        return picked
 
     def _log_window(self) -> dict[str, str]:
         """Write the metrics line of the steps since the last one; returns what the progress bar shows."""
@@ -384,15 +408,19 @@ class Trainer:
     def evaluate(self) -> float:
         """The validation metric of the prompt now; a new best replaces the artifact's prompt."""
         self.model.eval()
-        result = evaluate_rows(self.model, self.tokenizer, self.recipe, self.val_rows, "validation data")
+        value, details = self._validate()
         self.model.train()
-        value = float(result[self.metric_name])  # a plain float: state.pt must load with weights_only
-        self._write_metrics({"step": self.state["step"], "eval": value, "metric": self.metric_name,
-                             "rows": len(self.val_rows)})
+        self._write_metrics({"step": self.state["step"], "eval": value, **details})
         if self.state["best"] is None or value > self.state["best"]:
             self.state["best"], self.state["best_step"] = value, self.state["step"]
             save_best(self.model, self.output)
         return value
+
+    def _validate(self) -> tuple[float, dict]:
+        """(the validation metric, what its metrics line records besides)."""
+        result = evaluate_rows(self.model, self.tokenizer, self.recipe, self.val_rows, "validation data")
+        # A plain float: state.pt must load with weights_only.
+        return float(result[self.metric_name]), {"metric": self.metric_name, "rows": len(self.val_rows)}
 
     def _checkpoint(self) -> None:
         self.state["wall_seconds"] = time.perf_counter() - self.wall_start

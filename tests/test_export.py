@@ -168,7 +168,7 @@ def test_broken_exports_are_refused(exported, tmp_path, artifact):
         export(artifact, exported)
 
 
-@pytest.mark.parametrize("method", ["p-tuning", "prefix-tuning"])
+@pytest.mark.parametrize("method", ["p-tuning", "prefix-tuning", "multitask-prompt-tuning"])
 def test_every_method_exports_with_parity(tiny_model_dir, sentiment_files, tmp_path, method):
     """P-tuning folds in like prompt tuning; prefix tuning's learned keys/values are the prefix itself."""
     from qprompt.config import load_recipe, override

@@ -62,14 +62,15 @@ def test_a_registered_method_is_a_choice_that_plans_trains_and_exports(new_metho
 
 
 def test_an_unknown_method_is_one_clear_error(tmp_path):
-    with pytest.raises(QPromptError, match="unknown method 'nope': use one of prompt-tuning, p-tuning, prefix-tuning"):
+    with pytest.raises(QPromptError, match="unknown method 'nope': use one of prompt-tuning, p-tuning, prefix-tuning, "
+                       "multitask-prompt-tuning"):
         get_method("nope")
     config = tmp_path / "bad.yaml"
     config.write_text("name: t\ntask: generation\nmethod: {name: nope, init: random}\n")
     result = run("train", "--config", config, "--model", "/no/such/model-folder")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.splitlines() == [
-        "error: recipe t: method 'nope' must be prompt-tuning, p-tuning or prefix-tuning"]
+        "error: recipe t: method 'nope' must be prompt-tuning, p-tuning, prefix-tuning or multitask-prompt-tuning"]
     assert run("plan", "--method", "nope").exit_code == 2  # click names the choices
 
 

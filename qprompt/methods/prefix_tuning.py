@@ -90,4 +90,5 @@ PREFIX_TUNING = register(SoftPromptMethod(
     exports_as=KV_PREFIX, trainable_parameters=trainable_parameters, initialise=initialise,
     uses_init=lambda method: not method.prefix_projection,  # the MLP starts from random weights (PEFT)
     settings=lambda method: {"prefix_projection": True} if method.prefix_projection else {},
+    starts_from_prompt=lambda method: not method.prefix_projection,
 ))
