@@ -224,3 +224,31 @@ def test_the_cli_trains_a_multitask_prompt_then_a_task_from_it(tiny_model_dir, t
     assert bad.exit_code != 0 and "RECIPE=FILE" in bad.output
     one = runner.invoke(main, ["multitask", "sentiment", "--output", str(tmp_path / "y"), *common])
     assert one.exit_code != 0 and "at least two recipes" in one.output
+
+
+@pytest.mark.parametrize("source_method, target_method", [("p-tuning", "prompt-tuning"),
+                                                          ("prefix-tuning", "prefix-tuning")])
+def test_init_from_a_single_task_artifact_starts_at_what_its_model_reads(tiny_model_dir, sentiment_files, tmp_path,
+                                                                          source_method, target_method):
+    """P-tuning's saved prompt is its encoder's output, prefix tuning's the keys/values: a new prompt starts there."""
+    from qprompt.train import train
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__name=source_method,
+                      method__virtual_tokens=4, train__max_steps=2, train__batch_size=8, train__eval_every=0,
+                      train__eval_rows=8, train__lr=0.05)
+    model, tok, info = load_model(recipe.model, recipe.quant)
+    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
+    train(recipe, model, tok, info, splits, tmp_path / "source", progress=False)
+    source, _, _ = load_model(recipe.model, "none")
+    source = PeftModel.from_pretrained(source, str(tmp_path / "source"))
+    base, _, _ = load_model(recipe.model, "none")
+    target = override(recipe, method__name=target_method, method__init="random",
+                      method__init_from=str(tmp_path / "source"))
+    fresh = add_soft_prompt(base, target, info.path)
+    start_from_artifact(fresh, target_method, tmp_path / "source", info.fingerprint)
+    theirs, ours = soft_prompt(source, 1), soft_prompt(fresh, 1)
+    if target_method == "prefix-tuning":
+        for a, b in zip(theirs.layers, ours.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    else:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
