@@ -15,7 +15,7 @@ from qprompt.data import load_splits
 from qprompt.errors import QPromptError
 from qprompt.evaluate import evaluate
 from qprompt.forward import prompt_task, soft_prompt
-from qprompt.methods import add_soft_prompt, saved_prompt, start_from_artifact
+from qprompt.methods import add_soft_prompt, saved_prompt, start_from_artifact, start_prompt
 from qprompt.models import load_model
 from qprompt.multitask import MultitaskTrainer, multitask_recipe, train_multitask
 
@@ -190,6 +190,16 @@ def test_init_from_refuses_what_cannot_start_the_prompt(multitask_artifact, tiny
         start_from_artifact(fresh, "prompt-tuning", output, "0" * 16)
     with pytest.raises(QPromptError, match="does not exist"):
         start_from_artifact(fresh, "prompt-tuning", tmp_path / "nowhere", info.fingerprint)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "lora-like"
+    shutil.copytree(output, other)
+    save_file({"lora_A": torch.zeros(2, 2)}, str(other / "adapter_model.safetensors"))
+    with pytest.raises(QPromptError, match="holds no soft prompt"):
+        start_prompt(other, "prompt-tuning", 4, info.fingerprint)
+    assert load_file(str(output / "adapter_model.safetensors"))  # the source is untouched
     with pytest.raises(QPromptError, match="learns its prompt directly.*not p-tuning"):
         override(recipe, method__name="p-tuning", method__init_from=str(output))
 

@@ -124,6 +124,9 @@ def saved_prompt(folder: str | Path):
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    if "prompt_embeddings" not in weights:  # LoRA and other adapters: no prompt to start from
+        raise QPromptError(f"{folder} holds no soft prompt (no prompt_embeddings in its adapter file); start from "
+                           "a qprompt artifact")
     prompt = weights["prompt_embeddings"].float()
     if "prefix_task_cols" in weights:  # (tasks, n, r) @ (tasks, r, hidden): each task's scale of the shared prompt
         scales = weights["prefix_task_cols"].float() @ weights["prefix_task_rows"].float()
