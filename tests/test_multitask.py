@@ -218,9 +218,11 @@ def test_the_cli_trains_a_multitask_prompt_then_a_task_from_it(tiny_model_dir, t
     source = tmp_path / "source"
     result = runner.invoke(main, ["multitask", "sentiment", "spam", "--output", str(source), *common,
                                   "--data", f"sentiment={task_files['sentiment']}", "--data",
-                                  f"spam={task_files['spam']}", "--method", "multitask-prompt-tuning"])
+                                  f"spam={task_files['spam']}"])
     assert result.exit_code == 0, result.output
     assert "saved multitask prompt" in result.output and "spam accuracy" in result.output
+    made = json.loads((source / "qprompt.json").read_text())
+    assert made["method"] == "multitask-prompt-tuning" and made["recipe"]["method"]["tasks"] == 2  # the default
     target = tmp_path / "target"
     spam = ["train", "--recipe", "spam", "--data", task_files["spam"], "--init-from", str(source), "--output",
             str(target), *common]
