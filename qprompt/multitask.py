@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from .artifact import MANIFEST, write_json
 from .config import MethodConfig, RecipeConfig, TrainConfig
 from .data import Encoder, collate
 from .errors import QPromptError
@@ -111,17 +110,13 @@ class MultitaskTrainer(Trainer):
             metrics[recipe.name] = float(result[main_metric(recipe)])
         return sum(metrics.values()) / len(metrics), {"metric": self.metric_name, "tasks": metrics}
 
-    def save(self) -> dict:
-        """The manifest, with each task's recipe and validation metric at the kept (best) step."""
-        data = super().save()
+    def _manifest_extra(self) -> dict:
+        """Each task's recipe and validation metric at the kept (best) step."""
         best = [r for r in read_metrics(self.output) if "eval" in r and r["step"] == self.state["best_step"]]
         at_best = best[-1]["tasks"] if best else {}
-        data["multitask"] = {"rows_per_task_per_epoch": self.per_task, "tasks": [
+        return {"multitask": {"rows_per_task_per_epoch": self.per_task, "tasks": [
             {"name": r.name, "metric": main_metric(r), "validation": at_best.get(r.name), "recipe": r.to_dict()}
-            for r in self.recipes]}
-        write_json(self.output / MANIFEST, data)
-        return data
-
+            for r in self.recipes]}}
 
 def train_multitask(recipes: list[RecipeConfig], method: MethodConfig, train: TrainConfig, output: str | Path,
                     data: dict[str, str] | None = None, resume: bool = False, overwrite: bool = False,

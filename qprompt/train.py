@@ -422,6 +422,10 @@ class Trainer:
         # A plain float: state.pt must load with weights_only.
         return float(result[self.metric_name]), {"metric": self.metric_name, "rows": len(self.val_rows)}
 
+    def _manifest_extra(self) -> dict:
+        """Keys a kind of run adds to its manifest (a multitask run: its tasks)."""
+        return {}
+
     def _checkpoint(self) -> None:
         self.state["wall_seconds"] = time.perf_counter() - self.wall_start
         save_checkpoint(self.model, self.optimizer, self.scheduler, self.state, self.output)
@@ -441,7 +445,7 @@ class Trainer:
         metrics = {f"validation_{self.metric_name}": state["best"], "validation_rows": len(self.val_rows)}
         fields = template_fields(self.recipe.template.prompt) + [self.recipe.data.label_field]
         samples = [{f: row[f] for f in fields} for row in self.splits["validation"][:4]]
-        data = manifest(self.info, self.recipe, metrics, training, samples)
+        data = {**manifest(self.info, self.recipe, metrics, training, samples), **self._manifest_extra()}
         owned.claim(self.output, MANIFEST, MANIFEST + ".partial")
         write_json(self.output / MANIFEST, data)
         return data
