@@ -128,7 +128,9 @@ def load_artifact(folder: str | Path, model: str | None = None, quant: str | Non
         raise QPromptError(f"{folder} has no adapter_config.json: training never saved a prompt; train again")
     check_adapter_weights(folder)
     base = data["base"]
-    model_obj, tokenizer, info = load_model(model or base["name"], quant or base["quant"], compute_dtype, device)
+    quant = quant or base["quant"]
+    scheme = base.get("int4") if quant == base.get("quant") else None  # the int4 grid it was trained on
+    model_obj, tokenizer, info = load_model(model or base["name"], quant, compute_dtype, device, int4_scheme=scheme)
     check_base(data, info, folder)
     return load_soft_prompt(model_obj, folder), tokenizer, recipe_of(data), data
 

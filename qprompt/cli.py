@@ -465,15 +465,25 @@ def _open_export(folder, model_file=None, providers=None):
 @click.option("--remove", "remove", type=str, default=None, help="Remove this task from the task graph in --to.")
 @click.option("--to", "to", type=click.Path(file_okay=False), default=None, help="The export --add/--remove change.")
 @click.option("--quantize", type=click.Choice(list(QUANTIZATIONS)), default="none", show_default=True,
-              help="Also write a quantized graph and use it. int8/int4: weight-only blocks (MatMulNBits); "
-                   "int8-dynamic: activations too (faster on VNNI CPUs, less exact); nf4/fp4: bitsandbytes' "
-                   "4-bit weights (MatMulBnb4), identical to those an nf4/fp4-trained prompt saw.")
-@click.option("--opset", type=click.IntRange(18), default=20, show_default=True, help="ONNX opset.")
+              help="The graph's weights. int4/int8: weight-only blocks (MatMulNBits), int4 with the LM head and a tied "
+                   "embedding too (train with --quant int4 so the prompt learns these very weights); int8-dynamic: "
+                   "activations too; nf4/fp4: bitsandbytes' 4-bit weights (MatMulBnb4), identical to those an "
+                   "nf4/fp4-trained prompt saw. The folder holds this graph only (see --keep-float).")
+@click.option("--graph", type=click.Choice(["auto", "fused", "written"]), default="auto", show_default=True,
+              help="fused: onnxruntime-genai's model builder makes the base's graph (GroupQueryAttention, fused q/k/v "
+                   "and norms, quantized LM head) and the prompt goes into its KV cache; written: torch's exporter, "
+                   "attention written out; auto: fused where the builder knows the model's family.")
+@click.option("--keep-float", is_flag=True, help="With --quantize: also keep the float32 graph (model.onnx).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="int4/int8 compute: 4 = int8 activations (fastest on CPU), 1 = float32 (exact to the weights) "
+                   "[default: 4].")
+@click.option("--opset", type=click.IntRange(18), default=20, show_default=True,
+              help="ONNX opset of the written-out graph.")
 @click.option("--parity-tokens", type=click.IntRange(1), default=8, show_default=True,
               help="Greedy tokens that must match PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --output.")
-def export_command(artifacts, output, names, multi_task, prefix_slots, add, remove, to, quantize, opset,
-                   parity_tokens, overwrite):
+def export_command(artifacts, output, names, multi_task, prefix_slots, add, remove, to, quantize, graph, keep_float,
+                   accuracy_level, opset, parity_tokens, overwrite):
     """Merge soft prompts into an ONNX graph (constant KV prefix) and check it against PyTorch.
 
     One artifact: a graph for its task. Several (trained on the same base): one graph serving all of
@@ -492,19 +502,25 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
     if not artifacts or not output:
         raise QPromptError("give ARTIFACTS and --output DIR (or --add/--remove with --to)")
     data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
-                  multi_task=multi_task, prefix_slots=prefix_slots)
+                  multi_task=multi_task, prefix_slots=prefix_slots, graph=graph, keep_float=keep_float,
+                  accuracy_level=accuracy_level)
     for task in data.tasks:
         p = task.parity
+        twin = p.get("float_compute_twin")
+        check = (f"float32-compute twin max |logit diff| {twin['max_abs_logit_diff']:.2e}; deployed graph: next token "
+                 f"as PyTorch on {p['next_token_agreement']:.0%}" if twin else
+                 f"max |logit diff| {p['max_abs_logit_diff']:.2e}, greedy tokens equal: {p['greedy_tokens_equal']}")
         click.echo(f"exported {task.source.get('artifact')} to {output}"
-                   f"{' as task ' + task.name if data.task_ids_input else ''}: parity max |logit diff| "
-                   f"{p['max_abs_logit_diff']:.2e}, greedy tokens equal: {p['greedy_tokens_equal']} "
+                   f"{' as task ' + task.name if data.task_ids_input else ''} ({data.graph} graph): {check} "
                    f"({p['prompts']} prompts)")
+    total = sum(info["mb"] for info in data.files.values())
     for name, info in data.files.items():
-        extra = ""
-        if "next_token_top1_agreement" in info:
-            extra = (f", next-token agreement with model.onnx {info['next_token_top1_agreement']:.0%}, "
-                     f"max logit diff {info['max_abs_next_token_logit_diff']:.3f}")
-        click.echo(f"  {name}: {info['quantization']}, {info['mb']:.1f} MB{extra}")
+        click.echo(f"  {name}: {info['quantization']}, {info['mb']:.1f} MB")
+    click.echo(f"  {output}: {folder_mb(Path(output)):.1f} MB in all ({total:.1f} MB of graphs)")
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
 
 
 @main.command("run")

@@ -12,6 +12,7 @@ model_type.h, position_inputs.cpp) and checked by tests/test_genai.py against th
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,3 +79,18 @@ def genai_config(manifest: ExportManifest, base_model_type: str | None, hidden_s
         "past_present_share_buffer": False,
     }
     return {"model": model, "search": search}
+
+
+def fused_genai_config(builder_config: dict, manifest: ExportManifest) -> dict:
+    """genai_config.json for a fused export: the one onnxruntime-genai's model builder wrote for the bare base,
+    pointed at the export's graph. Its cache settings stay (`past_present_share_buffer`: one buffer of
+    `max_length` per layer), which is what the graph's prompt lives in: the virtual tokens count toward
+    max_length as prompt tokens would (qprompt/export/fused.py)."""
+    config = json.loads(json.dumps(builder_config))  # a copy
+    decoder = config["model"]["decoder"]
+    decoder["filename"] = manifest.model_file
+    decoder.setdefault("session_options", {}).setdefault("provider_options", [])
+    search = config.setdefault("search", {})
+    search.update({"do_sample": False, "top_k": 1, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": True})
+    return config

@@ -2,8 +2,11 @@
 
 One graph serves one task or several: every task is a `TaskEntry` (its template, labels and where its
 prompt came from). A graph of several tasks takes a `task_ids` input and holds every task's prefix in a
-constant table of `prefix_slots` slots per task. The format is versioned: a folder written by an older
-or newer qprompt is refused with a message saying which to run. Torch-free.
+constant table of `prefix_slots` slots per task. `graph` says how a runtime drives it: "fused" (the KV
+cache is one buffer per layer bound as past and present, the prompt in its first slots; right-padded
+batches) or "written" (the cache holds real tokens only and grows each call; left-padded batches).
+The format is versioned: a folder written by a newer qprompt is refused with a message saying so;
+format 2 (before fused graphs) still reads, as a written-out graph. Torch-free.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from .templates import Template
 
 EXPORT_MANIFEST = "qprompt-export.json"
 FORMAT_NAME = "qprompt-export"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("2", "3")  # 2: written-out graphs only, no `graph` or `weights` keys
 EXPORT_FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+GRAPH_KINDS = ("fused", "written")
 
 
 def read_json(path: Path, fix: str):
@@ -73,6 +78,8 @@ class ExportManifest:
     base: dict  # the base model: name (never a path on the exporting machine), fingerprint, quantization
     files: dict = field(default_factory=dict)  # graph file -> quantization, size, agreement with fp32
     fp32_weights: str = "full precision"
+    graph: str = "written"  # "fused" (shared KV buffer, prompt in its first slots) or "written" (see above)
+    weights: dict = field(default_factory=dict)  # the graph's quantization: kind, int4 scheme, accuracy level
     seconds: float = 0.0
     qprompt_version: str = ""
     format: str = EXPORT_FORMAT
@@ -115,10 +122,10 @@ class ExportManifest:
         if not isinstance(data, dict) or not str(data.get("format", "")).startswith(FORMAT_NAME + "/"):
             raise ExportError(f"{path} is not a {FORMAT_NAME} manifest; {fix}")
         version = str(data["format"]).split("/", 1)[1]
-        if version != str(FORMAT_VERSION):
+        if version not in READABLE_VERSIONS:
             newer = version.isdigit() and int(version) > FORMAT_VERSION
             raise ExportError(f"{path} is format {version}, written by {'a newer' if newer else 'an older'} qprompt "
-                              f"(this one reads format {FORMAT_VERSION}): "
+                              f"(this one reads formats {READABLE_VERSIONS[0]} to {FORMAT_VERSION}): "
                               + ("upgrade qprompt" if newer else "export the artifact again with this qprompt"))
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in data]
@@ -135,9 +142,11 @@ class ExportManifest:
                 raise ExportError(f"{path}: tasks[{i}].label_targets must be an object; {fix}")
         if missing:
             raise ExportError(f"{path} lacks the key {missing[0]!r}; {fix}")
+        if data.get("graph", "written") not in GRAPH_KINDS:
+            raise ExportError(f"{path}: graph must be {' or '.join(GRAPH_KINDS)}, not {data.get('graph')!r}; {fix}")
         try:
             known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known and k != "tasks"},
+            return cls(**{k: v for k, v in data.items() if k in known and k not in ("tasks", "format")},
                        tasks=[TaskEntry.from_dict(t) for t in tasks])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ExportError(f"{path} has a key of the wrong shape ({exc}); {fix}") from None

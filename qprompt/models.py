@@ -1,5 +1,8 @@
 """Loading a causal LM: hub id, local folder or built-in alias; 4-bit, 8-bit or unquantized.
 
+nf4, fp4 and int8 are bitsandbytes' formats; int4 is ONNX Runtime's (qprompt/int4.py): the weights the
+int4 edge graph holds, so a prompt trained on it is trained against what is deployed.
+
 Everything that touches bitsandbytes or `from_pretrained` lives here, so the rest of qprompt sees
 a plain `(model, tokenizer)` pair and a `ModelInfo` that says what was loaded.
 """
@@ -23,7 +26,8 @@ from .sources import cache_dir, extract_member, fetch_package
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `qprompt run` and the CLI start without it
     import torch
 
-QUANTS = ("nf4", "fp4", "int8", "none")
+QUANTS = ("nf4", "fp4", "int8", "int4", "none")
+BNB_QUANTS = ("nf4", "fp4", "int8")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class ModelInfo:
     compute_dtype: str
     device: str
     fingerprint: str  # hash of the architecture config and the tokenizer's vocabulary
+    int4: dict | None = None  # quant int4: the block scheme (qprompt/int4.py Int4Scheme)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,7 +173,7 @@ def quantization_config(quant: str, compute_dtype: torch.dtype, double_quant: bo
     """The bitsandbytes config for `quant`, or None for an unquantized model."""
     if quant not in QUANTS:
         raise QPromptError(f"unknown quantization {quant!r}: use one of {', '.join(QUANTS)}")
-    if quant == "none":
+    if quant in ("none", "int4"):  # int4 is applied after loading (qprompt/int4.py)
         return None
     from transformers import BitsAndBytesConfig
 
@@ -198,8 +203,13 @@ def load_model(
     compute_dtype: str | None = None,
     device: str | None = None,
     double_quant: bool = True,
+    int4_scheme: dict | None = None,
 ):
-    """Load `name` frozen for soft-prompt training; returns (model, tokenizer, ModelInfo)."""
+    """Load `name` frozen for soft-prompt training; returns (model, tokenizer, ModelInfo).
+
+    quant int4 puts the float base on ONNX Runtime's int4 grid (`int4_scheme`: Int4Scheme's fields, default
+    blocks of 32, symmetric): what `qprompt export --quantize int4` deploys."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     # bitsandbytes' 8-bit layer logs one line per layer per call when casting inputs on CPU.
@@ -208,21 +218,32 @@ def load_model(
     dtype = parse_dtype(compute_dtype, device)
     path = resolve_model(name)
     qconfig = quantization_config(quant, dtype, double_quant)
-    if qconfig is not None and importlib.util.find_spec("bitsandbytes") is None:
+    if quant in BNB_QUANTS and importlib.util.find_spec("bitsandbytes") is None:
         raise QPromptError(f"--quant {quant} needs bitsandbytes: pip install bitsandbytes, or use --quant none")
     check_model_tokenizer(path)
     try:
         tokenizer = load_tokenizer(path)
+        # int4 quantizes float32 weights (its scales are float32 in the graph); layers then compute in `dtype`.
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=qconfig, dtype=dtype, device_map={"": device}
+            path, quantization_config=qconfig, dtype=torch.float32 if quant == "int4" else dtype,
+            device_map={"": device}
         )
     except OSError as exc:
         first = str(exc).splitlines()[0]
         raise QPromptError(f"could not load model {name!r} ({first}); check the name or folder") from exc
     model.requires_grad_(False)
     keep_4bit_layers_trainable(model)
+    scheme = None
+    if quant == "int4":
+        from .int4 import Int4Scheme, quantize_model
+
+        scheme = Int4Scheme.from_dict(int4_scheme)
+        quantize_model(model, scheme)
+        if dtype != torch.float32:  # codes and scales stay as they are; the float parts take the compute dtype
+            model.to(dtype)
     model.eval()
-    info = ModelInfo(name, path, quant, str(dtype).removeprefix("torch."), device, fingerprint(model.config, tokenizer))
+    info = ModelInfo(name, path, quant, str(dtype).removeprefix("torch."), device, fingerprint(model.config, tokenizer),
+                     scheme.to_dict() if scheme else None)
     return model, tokenizer, info
 
 

@@ -1,8 +1,11 @@
 """Run an exported soft-prompt graph with ONNX Runtime: no torch, no transformers, no PEFT.
 
 Needs only onnxruntime, numpy and tokenizers. The soft prompt is inside the graph as a constant
-KV prefix, so callers pass plain token ids; this module adds the recipe's template, left-padded
-batching, a KV cache for generation, and classification by label log-likelihood.
+KV prefix, so callers pass plain token ids; this module adds the recipe's template, batching, a KV
+cache for generation, and classification by label log-likelihood. It drives both kinds of graph
+(qprompt-export.json's `graph`): a fused graph keeps its cache in one buffer per layer, bound as both
+past and present and written in place, with right-padded batches; a written-out graph returns a longer
+cache each call, with left-padded batches.
 
     from qprompt.runtime import ExportedModel
     m = ExportedModel("export/")
@@ -112,6 +115,9 @@ class ExportedModel:
             raise ExportError(f"{path} does not match {EXPORT_MANIFEST} (inputs {sorted(missing)[:3] or ['task_ids']}"
                               "); export again")
         self.tokenizer = read_tokenizer(self.folder / "tokenizer.json", "export again")
+        self.fused = m.graph == "fused"
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.cache_dtype = np.float16 if "float16" in past_type else np.float32
         self.pad_id = m.pad_token_id
         self.eos_ids = set(m.eos_token_ids)
         self._label_ids = {t.name: {label: self.encode(text, special=False) for label, text in t.label_targets.items()}
@@ -152,10 +158,11 @@ class ExportedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------------------- graph
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_past(self, batch: int, capacity: int = 0) -> dict[str, np.ndarray]:
+        """An empty cache: length 0 (written-out graph), or a zeroed buffer of `capacity` slots (fused graph)."""
         m = self.manifest
-        shape = (batch, m.num_kv_heads, 0, m.head_dim)
-        return {n: np.zeros(shape, dtype=np.float32) for n in self.past_names}
+        shape = (batch, m.num_kv_heads, capacity if self.fused else 0, m.head_dim)
+        return {n: np.zeros(shape, dtype=self.cache_dtype) for n in self.past_names}
 
     def task_ids(self, tasks: str | None | list[str | None], batch: int) -> np.ndarray:
         """(batch,) task ids: one name (or None) for every row, or one per row."""
@@ -164,19 +171,53 @@ class ExportedModel:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray],
                 task_ids: np.ndarray | None = None):
-        """One graph call: logits (B, L, V) and the updated cache (real tokens only)."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        """One graph call: logits (B, L, V) and the cache after it. A fused graph writes into `past`'s buffers (numpy
+        arrays, changed in place) and returns them; a written-out graph returns a new, longer cache."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.manifest.task_ids_input:
             feeds["task_ids"] = task_ids if task_ids is not None else self.task_ids(None, len(input_ids))
         try:
-            outputs = self.session.run(None, feeds)
+            if self.fused:
+                return self._run_shared(feeds, past), past
+            outputs = self.session.run(None, {**feeds, **past})
         except Exception as exc:  # onnxruntime's own error types: a graph or manifest that does not fit
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportError(f"onnxruntime could not run {self.model_path.name} in {self.folder} ({first}); the "
                               f"graph and {EXPORT_MANIFEST} do not match or a file is damaged: export again") from exc
         return outputs[0], dict(zip(self.past_names, outputs[1:]))
 
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def _run_shared(self, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> np.ndarray:
+        """A fused graph's call: each layer's buffer bound as its past and its present, so attention writes the new
+        keys/values into it in place (onnxruntime-genai's past_present_share_buffer)."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits")
+        for name, buffer in past.items():
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the array's memory
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def prompt_logits(self, prompts: list[list[int]], task_ids: np.ndarray | None = None,
+                      last: int | None = None) -> list[np.ndarray]:
+        """One pass over a batch of prompts (no cache before them): each prompt's logits (its length, V), or only its
+        `last` positions."""
+        ids, mask = self._pad(prompts)
+        past = self.empty_past(len(prompts), self.manifest.prefix_slots + ids.shape[1] + 2)
+        logits, _ = self.forward(ids, mask, past, task_ids)
+        rows = []
+        for r, seq in enumerate(prompts):
+            start = 0 if self.fused else ids.shape[1] - len(seq)  # right padding, or left
+            keep = len(seq) if last is None else min(last, len(seq))
+            rows.append(logits[r, start + len(seq) - keep : start + len(seq)])
+        return rows
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """A batch as the graph takes it: right-padded for a fused graph, left-padded for a written-out one."""
         if not all(seqs):
             raise ExportError("an input has no tokens (empty text): give some text to continue")
         limit = self.manifest.max_positions
@@ -186,8 +227,9 @@ class ExportedModel:
         ids = np.full((len(seqs), width), self.pad_id if self.pad_id is not None else 0, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = s
-            mask[i, width - len(s):] = 1
+            cols = slice(0, len(s)) if self.fused else slice(width - len(s), width)
+            ids[i, cols] = s
+            mask[i, cols] = 1
         return ids, mask
 
     # ------------------------------------------------------------------------------- work
@@ -197,7 +239,7 @@ class ExportedModel:
         s = sampling or Sampling()
         rng = np.random.default_rng(s.seed)
         batch = DecodeBatch(self)
-        logits = batch.join(prompts, self.task_ids(task, len(prompts)))
+        logits = batch.join(prompts, self.task_ids(task, len(prompts)), reserve=s.max_new_tokens)
         out: list[list[int]] = [[] for _ in prompts]
         rows = list(range(len(prompts)))  # which prompt each row of the batch continues
         for step in range(s.max_new_tokens):
@@ -240,18 +282,17 @@ class ExportedModel:
             targets = label_ids[start : start + batch_size]
             task_ids = self.task_ids(tasks[start : start + batch_size], len(chunk))
             if all(len(t[lab]) == 1 for t in targets for lab in labels):  # one pass scores every label
-                ids, mask = self._left_pad(chunk)
-                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)), task_ids)
-                logp = log_softmax(logits[:, -1])
+                last = np.stack([row[-1] for row in self.prompt_logits(chunk, task_ids, last=1)])
+                logp = log_softmax(last)
                 for r, t in enumerate(targets):
                     scores[start + r] = logp[r, [t[lab][0] for lab in labels]]
                 continue
             for j, lab in enumerate(labels):
-                ids, mask = self._left_pad([p + t[lab] for p, t in zip(chunk, targets)])
-                logits, _ = self.forward(ids, mask, self.empty_past(len(chunk)), task_ids)
-                for r, t in enumerate(targets):  # left padding: every row's target ends at the last column
+                longest = max(len(t[lab]) for t in targets)
+                rows = self.prompt_logits([p + t[lab] for p, t in zip(chunk, targets)], task_ids, last=longest + 1)
+                for r, t in enumerate(targets):  # the logits before each target token
                     target = t[lab]
-                    logp = log_softmax(logits[r, -len(target) - 1 : -1])
+                    logp = log_softmax(rows[r][-len(target) - 1 : -1])
                     scores[start + r, j] = logp[np.arange(len(target)), target].sum()
         return scores
 
@@ -271,55 +312,96 @@ class ExportedModel:
 
 
 class DecodeBatch:
-    """Sequences decoding together through one KV cache, left-padded to a common length.
+    """Sequences decoding together through one KV cache.
 
     Rows join after their own prefill (`join`) and leave once finished (`keep`), between any two steps:
-    a row's padding is masked, and positions are counted from the mask, so a row's tokens do not
-    depend on which other rows share its batch or when they came. `qprompt serve` batches concurrent
-    requests this way; `ExportedModel.generate_ids` is the same loop with every row joining at once.
+    a row's padding is masked, and positions are counted per row, so a row's tokens do not depend on which
+    other rows share its batch or when they came. `qprompt serve` batches concurrent requests this way;
+    `ExportedModel.generate_ids` is the same loop with every row joining at once.
+
+    Fused graph: each layer's cache is one buffer (rows, kv heads, capacity, head dim) that the graph writes in
+    place; a row's tokens sit at the start of its row (the prompt's slots first), `lengths` counts them, the
+    mask is right-padded, and the capacity doubles when a step would not fit. Written-out graph: the cache
+    holds real tokens only, left-padded to a common length, and grows by one column a step.
     """
 
     def __init__(self, model: ExportedModel):
         self.model = model
-        self.mask = np.zeros((0, 0), dtype=np.int64)  # (rows, cached tokens): 1 real, 0 padding
+        self.lengths = np.zeros(0, dtype=np.int64)  # real tokens cached per row
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # written-out graph: (rows, cached tokens), 1 real, 0 padding
         self.past = model.empty_past(0)
         self.task_ids = np.zeros(0, dtype=np.int64)  # each row's task (graphs of several tasks)
 
     def __len__(self) -> int:
-        return len(self.mask)
+        return len(self.lengths)
 
-    def join(self, prompts: list[list[int]], task_ids: np.ndarray | None = None) -> np.ndarray:
-        """Prefill `prompts` as one left-padded batch, append them as the last rows: their next-token logits."""
-        task_ids = task_ids if task_ids is not None else self.model.task_ids(None, len(prompts))
-        ids, mask = self.model._left_pad(prompts)
-        logits, past = self.model.forward(ids, mask, self.model.empty_past(len(prompts)), task_ids)
+    def join(self, prompts: list[list[int]], task_ids: np.ndarray | None = None, reserve: int = 0) -> np.ndarray:
+        """Prefill `prompts` as one batch and append them as the last rows: their next-token logits (B, vocab).
+        `reserve`: tokens each row may still generate (a fused graph's buffer is made that much bigger)."""
+        m = self.model
+        task_ids = task_ids if task_ids is not None else m.task_ids(None, len(prompts))
+        ids, mask = m._pad(prompts)
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        past = m.empty_past(len(prompts), m.manifest.prefix_slots + ids.shape[1] + reserve + 2)
+        logits, past = m.forward(ids, mask, past, task_ids)
         self.task_ids = np.concatenate([self.task_ids, task_ids])
+        if m.fused:
+            capacity = max(self._capacity(), past[m.past_names[0]].shape[2])
+            self.past = {n: np.concatenate([_pad_right(self.past[n], capacity, 2), _pad_right(past[n], capacity, 2)])
+                         for n in self.past}
+            self.lengths = np.concatenate([self.lengths, lengths])
+            return logits[np.arange(len(prompts)), lengths - 1]
         width = max(self.mask.shape[1], mask.shape[1])
         self.mask = np.concatenate([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.past = {n: np.concatenate([_pad_left(self.past[n], width, 2), _pad_left(past[n], width, 2)])
                      for n in self.past}
+        self.lengths = np.concatenate([self.lengths, lengths])
         return logits[:, -1]
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row its next token (B,): the logits (B, vocab) for the token after it."""
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
-        logits, self.past = self.model.forward(tokens.astype(np.int64)[:, None], self.mask, self.past, self.task_ids)
+        m = self.model
+        ids = tokens.astype(np.int64)[:, None]
+        if m.fused:
+            width = int(self.lengths.max()) + 1
+            # Room for this token and, as the graph's end-of-buffer guard wants, one more after it.
+            need = m.manifest.prefix_slots + width + 1
+            if need > self._capacity():
+                self.past = {n: _pad_right(v, max(need, 2 * self._capacity()), 2) for n, v in self.past.items()}
+            mask = (np.arange(width)[None, :] <= self.lengths[:, None]).astype(np.int64)
+            logits, self.past = m.forward(ids, mask, self.past, self.task_ids)
+        else:
+            self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), dtype=np.int64)], axis=1)
+            logits, self.past = m.forward(ids, self.mask, self.past, self.task_ids)
+        self.lengths = self.lengths + 1
         return logits[:, -1]
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order), and drop the cache columns that are padding in all of them."""
-        self.mask = self.mask[rows]
+        """Keep only `rows` (in that order); a written-out graph's cache drops the columns that are padding in all."""
         self.task_ids = self.task_ids[rows]
+        self.lengths = self.lengths[rows]
         self.past = {n: v[rows] for n, v in self.past.items()}
+        if self.model.fused:
+            return
+        self.mask = self.mask[rows]
         if len(rows):
             first = int(self.mask.argmax(axis=1).min())  # the earliest real token of any row
             self.mask = self.mask[:, first:]
             self.past = {n: v[:, :, first:] for n, v in self.past.items()}
 
+    def _capacity(self) -> int:
+        return next(iter(self.past.values())).shape[2] if self.past else 0
+
 
 def _pad_left(x: np.ndarray, width: int, axis: int) -> np.ndarray:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (width - x.shape[axis], 0)
+    return np.pad(x, pad)
+
+
+def _pad_right(x: np.ndarray, width: int, axis: int) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, width - x.shape[axis])
     return np.pad(x, pad)
 
 

@@ -164,7 +164,7 @@ def test_damaged_artifact_manifest(artifact, sentiment_files, tmp_path, damage, 
      ["lacks the key 'tasks[0].template.prompt'"]),
     (lambda m: json.dumps({**m, "format": "qprompt-export/1"}).encode(),
      ["format 1, written by an older qprompt", "export the artifact again with this qprompt"]),
-    (lambda m: json.dumps({**m, "format": "qprompt-export/3"}).encode(), ["format 3, written by a newer", "upgrade"]),
+    (lambda m: json.dumps({**m, "format": "qprompt-export/4"}).encode(), ["format 4, written by a newer", "upgrade"]),
 ])
 def test_damaged_export_manifest(exported, sentiment_files, tmp_path, damage, words):
     exp = copy_of(exported, tmp_path)

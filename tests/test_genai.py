@@ -1,7 +1,9 @@
 """onnxruntime-genai (ORT GenAI) runs every export folder unchanged, through the genai_config.json export writes.
 
-Greedy tokens from `og.Generator` must equal qprompt's runtime and PyTorch, for each method, alone and in a
-batch of prompts of different lengths (ORT GenAI pads a batch on the right), and for each quantization.
+Greedy tokens from `og.Generator` must equal qprompt's runtime and PyTorch, for each method and both kinds of
+graph, alone and in a batch of prompts of different lengths (ORT GenAI pads a batch on the right), and for each
+quantization. A fused graph keeps the prompt in ORT GenAI's own cache buffer, which is `max_length` long: the
+virtual tokens count toward max_length, so these tests ask for that many more.
 
 The tiny model here is the shared one with larger random weights (std 0.3): the shared one's greedy text is
 one token repeated, under which a misplaced position or an unmasked pad would go unseen. Its tokenizer adds
@@ -25,7 +27,7 @@ from qprompt.artifact import load_artifact
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.data import load_splits
-from qprompt.export import export, quantize_graph
+from qprompt.export import export
 from qprompt.forward import greedy_generate
 from qprompt.genai import GENAI_CONFIG, GENERIC_DECODER_TYPE, PLAIN_DECODER_TYPES, genai_model_type
 from qprompt.models import load_model
@@ -78,23 +80,23 @@ def artifacts(lively_model_dir, sentiment_files) -> dict[str, Path]:
             for m in ("prompt-tuning", "p-tuning", "prefix-tuning")}
 
 
-@pytest.fixture(scope="module")
-def int8_export(artifacts) -> Path:
-    """The prompt-tuning artifact through the command line, `qprompt export --quantize int8`."""
-    folder = artifacts["prompt-tuning"].parent / "exp-prompt-tuning"
+@pytest.fixture(scope="module", params=["fused", "written"])
+def int8_export(artifacts, request) -> Path:
+    """The prompt-tuning artifact through the command line, `qprompt export --quantize int8`, as either graph."""
+    folder = artifacts["prompt-tuning"].parent / f"exp-int8-{request.param}"
     result = CliRunner().invoke(main, ["export", str(artifacts["prompt-tuning"]), "--output", str(folder),
-                                       "--quantize", "int8", "--parity-tokens", "2"])
+                                       "--quantize", "int8", "--graph", request.param, "--parity-tokens", "2"])
     assert result.exit_code == 0, result.output
     return folder
 
 
-@pytest.fixture(scope="module")
-def exports(artifacts, int8_export) -> dict[str, Path]:
-    """One export per method; prompt tuning's is the int8 one (its model.onnx is the fp32 graph)."""
-    folders = {"prompt-tuning": int8_export}
-    for method in ("p-tuning", "prefix-tuning"):
-        folders[method] = artifacts[method].parent / f"exp-{method}"
-        export(artifacts[method], folders[method], parity_tokens=2)
+@pytest.fixture(scope="module", params=["fused", "written"])
+def exports(artifacts, request) -> dict[str, Path]:
+    """One float32 export per method, as either graph."""
+    folders = {}
+    for method in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+        folders[method] = artifacts[method].parent / f"exp-{method}-{request.param}"
+        export(artifacts[method], folders[method], parity_tokens=2, graph=request.param)
     return folders
 
 
@@ -117,16 +119,22 @@ def genai_tokenizer(model: og.Model) -> og.Tokenizer:
     return tokenizer
 
 
-def genai_generate(model: og.Model, batch: np.ndarray, new_tokens: int) -> list[list[int]]:
-    """ORT GenAI's greedy continuation of a batch (right-padded, as encode_batch gives it), cut before EOS."""
+def genai_generate(model: og.Model, batch: np.ndarray, new_tokens: int, virtual: int = 0) -> list[list[int]]:
+    """ORT GenAI's greedy continuation of a batch (right-padded, as encode_batch gives it), cut before EOS.
+    `virtual`: the virtual tokens a fused graph keeps in the cache buffer, which max_length counts."""
     params = og.GeneratorParams(model)
-    params.set_search_options(batch_size=batch.shape[0], max_length=batch.shape[1] + new_tokens)
+    params.set_search_options(batch_size=batch.shape[0], max_length=batch.shape[1] + new_tokens + virtual)
     generator = og.Generator(model, params)
     generator.append_tokens(batch)
     while not generator.is_done():
         generator.generate_next_token()
     eos = set(og.Tokenizer(model).eos_token_ids)
-    return [until_eos([int(t) for t in generator.get_sequence(i)[batch.shape[1]:]], eos) for i in range(len(batch))]
+    return [until_eos([int(t) for t in generator.get_sequence(i)[batch.shape[1]:]], eos)[:new_tokens]
+            for i in range(len(batch))]
+
+
+def virtual_tokens(runtime: ExportedModel) -> int:
+    return runtime.manifest.prefix_slots if runtime.fused else 0
 
 
 def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -150,8 +158,15 @@ def test_config_points_at_the_quantized_graph_and_names_its_interface(int8_expor
     manifest = json.loads((int8_export / "qprompt-export.json").read_text())
     model, decoder = config["model"], config["model"]["decoder"]
     assert decoder["filename"] == manifest["model_file"] == "model.int8.onnx"
-    assert model["type"] == "llama" and model["context_length"] == manifest["max_positions"] == 256 - 5
-    assert (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1, [2], 3)
+    assert model["type"] == "llama"
+    if manifest["graph"] == "fused":  # the builder's own config: one shared buffer of max_length, prompt included
+        assert model["context_length"] == 256 == manifest["max_positions"] + manifest["prefix_slots"]
+        assert config["search"]["past_present_share_buffer"]
+    else:
+        assert model["context_length"] == manifest["max_positions"] == 256 - 5
+        assert not config["search"]["past_present_share_buffer"]
+    assert (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1, [2], 3) or \
+        (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1, 2, 3)
     assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 2, 16)
     assert config["search"]["max_length"] == model["context_length"] and not config["search"]["do_sample"]
     assert GENAI_CONFIG in owned(int8_export)  # --overwrite may replace it, and only it
@@ -172,7 +187,29 @@ def test_the_quantized_export_runs_in_genai_as_written(int8_export):
     prompts = [runtime.prompt_ids(t) for t in TEXTS]
     expected = [runtime.generate_ids([p], Sampling(max_new_tokens=NEW_TOKENS))[0] for p in prompts]
     model = og.Model(str(int8_export))
-    assert [genai_generate(model, np.array([p], dtype=np.int32), NEW_TOKENS)[0] for p in prompts] == expected
+    virtual = virtual_tokens(runtime)
+    assert [genai_generate(model, np.array([p], dtype=np.int32), NEW_TOKENS, virtual)[0] for p in prompts] == expected
+
+
+def test_a_generation_loop_to_max_length_ends_with_eos_in_a_fused_graph(exports):
+    """ORT GenAI generates until the sequence reaches max_length; the fused graph's prompt takes that many slots of
+    the buffer, so the graph ends generation with EOS, virtual-token count early, instead of failing."""
+    runtime = ExportedModel(exports["prompt-tuning"])
+    prompt = runtime.prompt_ids(TEXTS[1])
+    expected = runtime.generate_ids([prompt], Sampling(max_new_tokens=NEW_TOKENS))[0]
+    model = og.Model(str(exports["prompt-tuning"]))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + NEW_TOKENS)  # no room counted for the virtual tokens
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    out = [int(t) for t in generator.get_sequence(0)[len(prompt):]]
+    if runtime.fused:
+        room = NEW_TOKENS - virtual_tokens(runtime)  # then EOS: ORT GenAI ends the sequence
+        assert until_eos(out, runtime.eos_ids) == expected[:room] and len(expected) > room
+    else:
+        assert until_eos(out, runtime.eos_ids) == expected
 
 
 def test_genai_tokenizer_gives_qprompt_ids_with_bos(int8_export):
@@ -194,48 +231,50 @@ def test_genai_equals_runtime_and_pytorch_alone_and_in_a_batch(exports, artifact
     prompts = [runtime.prompt_ids(t) for t in TEXTS]
     expected = torch_generate(artifacts[method], prompts, runtime.eos_ids, runtime.pad_id)
     assert len({tuple(e) for e in expected}) == len(TEXTS)  # distinct continuations: a mix-up cannot pass
-    assert runtime.generate_ids(prompts, Sampling(max_new_tokens=NEW_TOKENS)) == expected  # left-padded batch
+    assert runtime.generate_ids(prompts, Sampling(max_new_tokens=NEW_TOKENS)) == expected  # one padded batch
     model = genai_model(folder, "model.onnx")
-    alone = [genai_generate(model, np.array([p], dtype=np.int32), NEW_TOKENS)[0] for p in prompts]
+    virtual = virtual_tokens(runtime)
+    alone = [genai_generate(model, np.array([p], dtype=np.int32), NEW_TOKENS, virtual)[0] for p in prompts]
     assert alone == expected
     tokenizer = genai_tokenizer(model)
     batch = tokenizer.encode_batch([runtime.task().template.prompt.format(text=t) for t in TEXTS]).as_numpy()
     pad = tokenizer.pad_token_id
     for row, p in zip(batch, prompts):  # right padding: the prompt, then pad ids
         assert list(row[: len(p)]) == p and set(row[len(p):]) <= {pad}
-    assert genai_generate(model, batch, NEW_TOKENS) == expected
+    assert genai_generate(model, batch, NEW_TOKENS, virtual) == expected
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_every_quantization_gives_the_runtime_tokens(int8_export, tmp_path, quantization):
-    """The same graph file in both runtimes. One prompt at a time: int8-dynamic quantizes activations with one
+def test_every_quantization_gives_the_runtime_tokens(artifacts, tmp_path, quantization):
+    """The same fused graph file in both runtimes. One prompt at a time: int8-dynamic quantizes activations with one
     scale for the whole batch, so its batched tokens depend on the other rows and on where the padding is."""
     folder = tmp_path / "export"
-    shutil.copytree(int8_export, folder)
-    model_file = {"none": "model.onnx", "int8": "model.int8.onnx"}.get(quantization, f"model.{quantization}.onnx")
-    if not (folder / model_file).exists():
-        quantize_graph(folder / "model.onnx", folder / model_file, quantization)
-    runtime = ExportedModel(folder, model_file)
-    model = genai_model(folder, model_file)
+    export(artifacts["prompt-tuning"], folder, quantize=quantization, parity_tokens=2)
+    runtime = ExportedModel(folder)
+    model = og.Model(str(folder))
     for text in TEXTS:
         prompt = runtime.prompt_ids(text)
         expected = runtime.generate_ids([prompt], Sampling(max_new_tokens=NEW_TOKENS))[0]
-        assert genai_generate(model, np.array([prompt], dtype=np.int32), NEW_TOKENS)[0] == expected
+        got = genai_generate(model, np.array([prompt], dtype=np.int32), NEW_TOKENS, virtual_tokens(runtime))[0]
+        assert got == expected
 
 
-def test_model_type_is_the_base_type_where_genai_knows_it_as_a_plain_decoder(int8_export):
+def test_model_type_is_the_base_type_where_genai_knows_it_as_a_plain_decoder(artifacts, tmp_path):
+    """For the written-out graph, qprompt writes genai_config.json itself and picks the model type."""
     assert genai_model_type("llama") == "llama" and genai_model_type("qwen2") == "qwen2"
     for other in ("gpt2", "lfm2", "phi3", "phimoe", "phi3small", "my_new_arch", None):
         assert genai_model_type(other) == GENERIC_DECODER_TYPE
     # Every type the export may write loads in the installed ORT GenAI and gives the same tokens.
-    runtime = ExportedModel(int8_export, "model.onnx")
+    written = tmp_path / "written"
+    export(artifacts["prompt-tuning"], written, graph="written", parity_tokens=2)
+    runtime = ExportedModel(written, "model.onnx")
     prompt = runtime.prompt_ids(TEXTS[1])
     expected = runtime.generate_ids([prompt], Sampling(max_new_tokens=NEW_TOKENS))[0]
     for model_type in sorted(PLAIN_DECODER_TYPES | {GENERIC_DECODER_TYPE}):
-        model = genai_model(int8_export, "model.onnx", model_type)
+        model = genai_model(written, "model.onnx", model_type)
         assert genai_generate(model, np.array([prompt], dtype=np.int32), NEW_TOKENS)[0] == expected, model_type
     with pytest.raises(RuntimeError, match="Unsupported model_type"):
-        genai_model(int8_export, "model.onnx", "my_new_arch")
+        genai_model(written, "model.onnx", "my_new_arch")
 
 
 def test_a_users_genai_config_beside_an_export_from_before_records_is_kept(tmp_path):

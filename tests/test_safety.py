@@ -111,14 +111,16 @@ def test_export_refuses_an_output_that_holds_more_than_an_export(run_dir, tmp_pa
 def test_export_overwrite_replaces_only_its_own_files_and_ships_no_paths(run_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "exp"
     export(run_dir, out, quantize="int8")
-    assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "qprompt-export.json"} <= owned(out)
+    assert {"model.int8.onnx", "model.int8.onnx.data", "tokenizer.json", "qprompt-export.json"} <= owned(out)
+    assert "model.onnx" not in owned(out)  # a quantized export holds the graph it deploys, no float one
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # the usual permissions, not mkdtemp's
     (out / "README.md").write_text("how to run this model")
     (out / "serve.py").write_text("print('hi')")
 
     data = export(run_dir, out, overwrite=True)  # fp32 only now: the int8 graph of the earlier export goes
     assert (out / "README.md").read_text() == "how to run this model" and (out / "serve.py").is_file()
-    assert not (out / "model.int8.onnx").exists() and data.model_file == "model.onnx"
+    assert not (out / "model.int8.onnx").exists() and not (out / "model.int8.onnx.data").exists()
+    assert data.model_file == "model.onnx"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp.partial")]
 
     source = data.tasks[0].source
