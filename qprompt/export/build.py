@@ -20,16 +20,15 @@ import uuid
 from pathlib import Path
 
 from .. import __version__
-from ..errors import QPromptError
+from ..errors import ExportError, QPromptError
 from ..genai import GENAI_CONFIG, fused_genai_config, genai_config
 from ..int4 import Int4Scheme
 from ..manifest import ExportManifest
-from ..plan import kv_shape
 from ..runtime import QUANTIZATIONS, ExportedModel
 from . import fused
 from .folder import check_export_output, file_mb, install_export, portable_base
 from .parity import PARITY_REL, PARITY_REL_FUSED, parity, passed
-from .prefix import TaskSource, load_task
+from .prefix import TaskSource, cache_shape, load_task
 from .quantize import BNB4, quantize_graph
 from .tasks import check_same_base, check_slots
 
@@ -88,22 +87,27 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
     tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        made = None
-        if graph in ("auto", "fused"):
+        kinds = ["fused", "written"] if graph == "auto" else [graph]
+        for kind in kinds:
             try:
-                made = _fused(sources, tmp, quantize, tables, slots, scheme, level, keep_float)
-            except fused.BuilderUnavailable as exc:
-                if graph == "fused":
-                    raise QPromptError(f"no fused graph for {sources[0].artifact['base'].get('name')}: {exc}; "
-                                       "export with --graph written") from None
-                log.warning("fused graph not available (%s): exporting the written-out graph", exc)
+                if kind == "fused":
+                    made = _fused(sources, tmp, quantize, tables, slots, scheme, level, keep_float)
+                else:
+                    made = _written(sources, tmp, quantize, tables, slots, opset, scheme, level, keep_float)
+                data = _manifest(sources, tmp, made, quantize, tables, slots, opset, weights, level, scheme)
+                data.write(tmp)  # the runtime that checks the graph reads it
+                _check(sources, tmp, data, parity_tokens)
+                break
+            except (fused.BuilderUnavailable, QPromptError, ExportError) as exc:
+                if kind == kinds[-1]:
+                    if isinstance(exc, fused.BuilderUnavailable):
+                        raise QPromptError(f"no fused graph for {sources[0].artifact['base'].get('name')}: {exc}; "
+                                           "export with --graph written") from None
+                    raise
+                # auto: the builder does not know the family, or its graph failed the check; the written-out one
+                log.warning("fused graph not used (%s): exporting the written-out graph", str(exc)[:300])
                 for leftover in tmp.iterdir():
                     shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        if made is None:
-            made = _written(sources, tmp, quantize, tables, slots, opset, scheme, level, keep_float)
-        data = _manifest(sources, tmp, made, quantize, tables, slots, opset, weights, level, scheme)
-        data.write(tmp)  # the runtime that checks the graph reads it
-        _check(sources, tmp, data, parity_tokens)
         data.seconds = round(time.perf_counter() - start, 1)
         _write_genai_config(sources[0], tmp, data, made)
         data.write(tmp)
@@ -119,7 +123,7 @@ def _fused(sources: list[TaskSource], tmp: Path, quantize: str, tables: bool, sl
     """Build the base's graph(s) with the model builder and put the prompt(s) in; returns what was made."""
     first = sources[0]
     config = first.base.config
-    heads, head_dim = kv_shape(config)
+    heads, head_dim = cache_shape(first.base)
     base_dir = tmp / ".base"
     first.base.save_pretrained(base_dir)  # the float weights the prompt was trained against
     first.tokenizer.save_pretrained(base_dir)
@@ -162,18 +166,27 @@ def _no_prefix(layers, head_dim: int) -> list:
 def _written(sources: list[TaskSource], tmp: Path, quantize: str, tables: bool, slots: int, opset: int,
              scheme: Int4Scheme, level: int, keep_float: bool) -> dict:
     """Export the written-out graph with torch's exporter, and quantize it if asked."""
-    from .written import MergedPromptDecoder, TaskTableDecoder, export_graph, prefix_tables, set_tables
+    from .written import (
+        MergedPromptDecoder,
+        TaskTableDecoder,
+        export_graph,
+        prefix_reaches_attention,
+        prefix_tables,
+        set_tables,
+    )
 
     first = sources[0]
-    module = (TaskTableDecoder(first.base, slots) if tables else MergedPromptDecoder(first.base, first.prefix)).eval()
+    shape = cache_shape(first.base)
+    in_cache = not prefix_reaches_attention(first.base, shape)
+    module = (TaskTableDecoder(first.base, slots, in_cache) if tables
+              else MergedPromptDecoder(first.base, first.prefix, in_cache)).eval()
     fp32 = tmp / "model.onnx"
     log.info("exporting %s to ONNX (opset %d)", first.artifact["base"]["name"], opset)
     try:
-        export_graph(module, fp32, opset)
+        export_graph(module, fp32, opset, shape)
     except Exception as exc:  # torch.export raises many kinds; the user needs its first line, and what to do
         raise QPromptError(written_failure(first.base.config, exc)) from exc
     if tables:
-        shape = kv_shape(first.base.config)
         set_tables(fp32, prefix_tables([s.prefix for s in sources], slots, module.num_layers, shape))
     files = ["model.onnx"]
     if quantize != "none":
@@ -186,8 +199,10 @@ def _written(sources: list[TaskSource], tmp: Path, quantize: str, tables: bool, 
 
 
 def written_failure(config, exc: Exception) -> str:
-    """One line for a base torch's exporter cannot trace: the family, the exporter's own first sentence, and why no
-    other route exists."""
+    """One line for a base torch's exporter cannot trace: the family, the first sentence of the error that stopped
+    the exporter (torch wraps it in a page of generic advice), and why no other route exists."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     text = " ".join(str(exc).split()) or type(exc).__name__
     sentence = text.split(". ")[0].rstrip(".")
     if len(sentence) > 200:
@@ -202,7 +217,7 @@ def _manifest(sources: list[TaskSource], tmp: Path, made: dict, quantize: str, t
               weights: str, level: int, scheme: Int4Scheme) -> ExportManifest:
     first = sources[0]
     config, tok = first.base.config, first.tokenizer
-    heads, head_dim = kv_shape(config)
+    heads, head_dim = cache_shape(first.base)
     fused_graph = made["graph"] == "fused"
     slots_in_graph = slots if (tables or fused_graph) else made.get("module_slots", slots)
     data = ExportManifest(

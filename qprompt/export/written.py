@@ -1,8 +1,11 @@
 """The written-out graph: the base traced by torch's ONNX exporter, attention written node by node.
 
 For a base whose family onnxruntime-genai's model builder does not know (GPT-2, OPT, GPT-NeoX, Falcon,
-StableLM, OLMo-2, ...), or when asked for (`--graph written`). The soft prompt is a constant KV prefix
-that attention reads beside the cache (`grouped_attention`), never joined to it:
+StableLM, OLMo-2, ...), or when asked for (`--graph written`). The soft prompt is a constant KV prefix.
+Where the model hands its attention calls the keywords it is given (transformers' attention interface),
+attention reads the prefix beside the cache (`grouped_attention`), never joined to it; a model whose
+layers drop them, or that computes attention itself (StableLM, Falcon), gets the prefix joined in front
+of its cache each call instead (`in_cache`), and sliced off what the graph returns:
 
     input_ids (B, L), attention_mask (B, L_past + L), past_key_values.{i}.key/value (B, kv_heads, L_past, head_dim)
     -> logits (B, L, vocab), present.{i}.key/value (B, kv_heads, L_past + L, head_dim)
@@ -22,18 +25,19 @@ from transformers.cache_utils import DynamicLayer
 
 from ..errors import QPromptError
 from ..forward import cache_kwargs
-from ..plan import kv_shape
 from ..templates import real_positions
 
 
 class MergedPromptDecoder(torch.nn.Module):
     """The base decoder with a constant KV prefix (the soft prompt) in front of every sequence.
 
-    Traced only through `export_graph`, whose attention (`grouped_attention`) reads the prefix."""
+    Traced only through `export_graph`, whose attention (`grouped_attention`) reads the prefix; with `in_cache`, the
+    prefix is joined in front of each layer's cache instead (for models whose attention never sees the keyword)."""
 
-    def __init__(self, base, prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, base, prefix: list[tuple[torch.Tensor, torch.Tensor]], in_cache: bool = False):
         super().__init__()
         self.base = base
+        self.in_cache = in_cache
         self.num_layers = base.config.num_hidden_layers
         self.num_virtual = prefix[0][0].shape[2] if prefix else 0
         for i, (k, v) in enumerate(prefix):
@@ -46,6 +50,12 @@ class MergedPromptDecoder(torch.nn.Module):
         from transformers import DynamicCache
 
         batch, length = input_ids.shape
+        prefix = [(getattr(self, f"prefix_key_t_{i}"), getattr(self, f"prefix_value_{i}"))
+                  for i in range(self.num_layers)] if self.num_virtual else None
+        if self.in_cache and prefix:
+            front = [(k.transpose(-1, -2).expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix]
+            return _run_prefix_in_cache(self.base, input_ids, attention_mask, past, front, self.num_virtual,
+                                        attention_mask.new_ones((batch, self.num_virtual)), self.num_virtual)
         # A DynamicCache cannot be a graph input: build it here from plain tensors.
         layers = [PrefixedLayer(self.num_virtual, past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
         cache = DynamicCache()
@@ -53,14 +63,32 @@ class MergedPromptDecoder(torch.nn.Module):
         full_mask = torch.cat([attention_mask.new_ones((batch, self.num_virtual)), attention_mask], dim=1)
         positions = real_positions(attention_mask, self.num_virtual)[:, -length:]
         # The prefix goes to every attention call as a keyword (transformers passes extra keywords down).
-        prefix = [(getattr(self, f"prefix_key_t_{i}"), getattr(self, f"prefix_value_{i}"))
-                  for i in range(self.num_layers)] if self.num_virtual else None
         out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
                         use_cache=True, qprompt_prefix=prefix, **cache_kwargs(self.base, cache))
         presents = []
         for layer in layers:  # the real tokens' cache: past + this step, without the constant prefix
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
+
+
+def _run_prefix_in_cache(base, input_ids, attention_mask, past, front, slots: int, slot_mask, row_virtual):
+    """The base with each layer's cache = [prefix (slots); past] and the mask covering both; returns logits and the
+    caches without the prefix. `row_virtual`: each row's own virtual tokens (positions start there)."""
+    from transformers import DynamicCache
+
+    length = input_ids.shape[1]
+    layers = [PrefixedLayer(0, torch.cat([k, past[2 * i]], dim=2), torch.cat([v, past[2 * i + 1]], dim=2))
+              for i, (k, v) in enumerate(front)]
+    cache = DynamicCache()
+    cache.layers = layers
+    full_mask = torch.cat([slot_mask.to(attention_mask.dtype), attention_mask], dim=1)
+    positions = real_positions(attention_mask, row_virtual)[:, -length:]
+    out = base(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+               **cache_kwargs(base, cache))
+    presents = []
+    for layer in layers:
+        presents += [layer.keys[:, :, slots:], layer.values[:, :, slots:]]
+    return (out.logits, *presents)
 
 
 class TaskTableDecoder(torch.nn.Module):
@@ -72,9 +100,10 @@ class TaskTableDecoder(torch.nn.Module):
     changes only the tables' first dimension (`add_task`, `remove_task`): every other task runs the very
     same computation, and its outputs stay bit-identical."""
 
-    def __init__(self, base, slots: int):
+    def __init__(self, base, slots: int, in_cache: bool = False):
         super().__init__()
         self.base = base
+        self.in_cache = in_cache
         self.num_layers = base.config.num_hidden_layers
         self.num_virtual = slots
 
@@ -84,6 +113,12 @@ class TaskTableDecoder(torch.nn.Module):
 
         past, tables = rest[: 2 * self.num_layers], dict(zip(table_names(self.num_layers), rest[2 * self.num_layers :]))
         batch, length = input_ids.shape
+        if self.in_cache:  # each row's prefix in front of its cache; a shorter prompt's padding slots masked
+            front = [(tables[f"task_prefix_key_t_{i}"][task_ids].transpose(-1, -2),
+                      tables[f"task_prefix_value_{i}"][task_ids]) for i in range(self.num_layers)]
+            return _run_prefix_in_cache(self.base, input_ids, attention_mask, past, front, self.num_virtual,
+                                        tables["task_slot_mask"][task_ids],
+                                        tables["task_virtual_tokens"][task_ids][:, None])
         layers = [PrefixedLayer(self.num_virtual, past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
         cache = DynamicCache()
         cache.layers = layers
@@ -220,7 +255,36 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
-def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
+def prefix_reaches_attention(base, shape: tuple[int, int]) -> bool:
+    """Whether every layer's attention receives the `qprompt_prefix` keyword (transformers' attention interface
+    passes extra keywords down); probed with an empty prefix on one token."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    seen = set()
+
+    def spy(module, *args, qprompt_prefix=None, **kwargs):
+        if qprompt_prefix is not None:
+            seen.add(module.layer_idx)
+        return grouped_attention(module, *args, qprompt_prefix=qprompt_prefix, **kwargs)
+
+    heads, head_dim = shape
+    empty = [(torch.zeros(1, heads, head_dim, 0), torch.zeros(1, heads, 0, head_dim))] * base.config.num_hidden_layers
+    AttentionInterface.register("qprompt_probe", spy)
+    AttentionMaskInterface.register("qprompt_probe", partial(sdpa_mask, allow_is_causal_skip=False))
+    previous = base.config._attn_implementation
+    base.config._attn_implementation = "qprompt_probe"
+    try:
+        with torch.no_grad():
+            base(input_ids=torch.ones((1, 2), dtype=torch.long), qprompt_prefix=empty, use_cache=False)
+    except Exception:  # noqa: BLE001  a model that trips over the keyword: it never reaches attention either
+        return False
+    finally:
+        base.config._attn_implementation = previous
+    return len(seen) == base.config.num_hidden_layers
+
+
+def export_graph(module: MergedPromptDecoder, path: Path, opset: int, shape: tuple[int, int]) -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
@@ -229,16 +293,17 @@ def export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
     # Always a boolean mask (never None): grouped_attention has no is_causal shortcut to fall back on.
     AttentionMaskInterface.register("qprompt_grouped", partial(sdpa_mask, allow_is_causal_skip=False))
     previous = config._attn_implementation
-    config._attn_implementation = "qprompt_grouped"  # export only: parity then checks it against the usual path
+    # Export only (parity then checks it against the usual path). A prefix joined to the cache needs no special
+    # attention: the model's own eager one reads it.
+    config._attn_implementation = "eager" if module.in_cache else "qprompt_grouped"
     try:
-        _export_graph(module, path, opset)
+        _export_graph(module, path, opset, shape)
     finally:
         config._attn_implementation = previous
 
 
-def _export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
-    config = module.base.config
-    heads, head_dim = kv_shape(config)
+def _export_graph(module: MergedPromptDecoder, path: Path, opset: int, shape: tuple[int, int]) -> None:
+    heads, head_dim = shape
     names = [f"past_key_values.{i}.{kind}" for i in range(module.num_layers) for kind in ("key", "value")]
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.ones((2, 5), dtype=torch.long)
@@ -250,7 +315,7 @@ def _export_graph(module: MergedPromptDecoder, path: Path, opset: int) -> None:
     if isinstance(module, TaskTableDecoder):  # one task id per row; the tables traced as inputs, then pinned
         inputs, input_names = (*inputs, torch.zeros(2, dtype=torch.long)), [*input_names, "task_ids"]
         dynamic.append({0: batch})
-        example = prefix_tables([[], []], module.num_virtual, module.num_layers, (heads, head_dim))
+        example = prefix_tables([[], []], module.num_virtual, module.num_layers, shape)
         tables = tuple(torch.from_numpy(example[n]) for n in table_names(module.num_layers))
         tasks = torch.export.Dim("tasks")  # the number of tasks is the tables' only free size
     # The trailing *past (and tables) are one varargs argument: one tuple of specs.
