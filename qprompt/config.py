@@ -117,7 +117,8 @@ class RecipeConfig:
     description: str = _f("", "one line shown by `qprompt recipes`")
     task: str = _f("classification", "classification (score each label) or generation (free text)")
     model: str = _f("smollm2-135m", "base model: built-in alias, hub id or local folder")
-    quant: str = _f("nf4", "base model quantization: nf4, fp4, int8 or none")
+    quant: str = _f("nf4", "base model quantization: nf4, fp4, int8 (bitsandbytes), int4 (ONNX Runtime's int4 "
+                    "weights: what an int4 export deploys) or none")
     labels: dict = _f({}, "classification: label value in the data -> the words the model scores")
     data: DataConfig = field(default_factory=DataConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)

@@ -32,9 +32,11 @@ ARCHITECTURES = {
                    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001},
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Bytes per quantized Linear weight: 4-bit codes plus absmax per 64 (double quant: 8-bit absmax, and an
+# Bytes per quantized Linear weight: int4 (ONNX Runtime's blocks): 4-bit codes and a float32 scale per 32.
+# nf4/fp4: 4-bit codes plus absmax per 64 (double quant: 8-bit absmax, and an
 # fp32 scale per 256 of those); LLM.int8: one byte plus an fp32 scale per output row (left out: tiny).
-WEIGHT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+WEIGHT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0,
+                "int4": 0.5 + 4 / 32}
 CPU_RUNTIME_GB = 0.45  # resident size of Python + torch + transformers + peft + bitsandbytes once imported (measured)
 CUDA_CONTEXT_GIB = 0.5  # CUDA context and kernels: on the GPU but outside PyTorch's allocator
 # CPU: the forward pass's temporaries are freed between the activations it keeps, and glibc cannot hand

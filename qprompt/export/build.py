@@ -49,7 +49,8 @@ def base_weights(quantize: str) -> str:
 def export(artifact: str | Path | list | None, output: str | Path, quantize: str = "none", opset: int = 20,
            overwrite: bool = False, parity_tokens: int = 8, base_model: str | None = None, recipe=None,
            names: list[str] | None = None, multi_task: bool = False, prefix_slots: int | None = None,
-           graph: str = "auto", keep_float: bool = False, accuracy_level: int | None = None) -> ExportManifest:
+           graph: str = "auto", keep_float: bool = False, accuracy_level: int | None = None,
+           int4: Int4Scheme | None = None) -> ExportManifest:
     """Write an export folder from `artifact` (or, with `base_model`, from a bare base: no soft prompt).
 
     Several artifacts (a list) trained on the same base make one graph of several tasks, named by `names`
@@ -58,7 +59,8 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
 
     graph: "fused" (onnxruntime-genai's model builder + the prompt), "written" (torch's exporter), or "auto"
     (fused where the builder knows the base). The folder holds the graph `quantize` names, and the float32
-    graph too only with `keep_float`. accuracy_level: int4/int8 compute (fused.DEFAULT_ACCURACY_LEVEL)."""
+    graph too only with `keep_float`. accuracy_level: int4/int8 compute (fused.DEFAULT_ACCURACY_LEVEL). int4: the
+    int4 scheme for an artifact not trained on int4 (one trained on int4 keeps its own)."""
     output = Path(output)
     artifacts = [artifact] if isinstance(artifact, (str, Path)) or artifact is None else list(artifact)
     if quantize not in QUANTIZATIONS:
@@ -71,7 +73,8 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
         check_export_output(output, art, overwrite)
     start = time.perf_counter()
     weights = base_weights(quantize)
-    sources = [load_task(art, weights, names[i] if names else None, base_model, recipe)
+    sources = [load_task(art, weights, names[i] if names else None, base_model, recipe,
+                         int4.to_dict() if int4 and weights == "int4" else None)
                for i, art in enumerate(artifacts)]
     check_same_base(sources)
     tables = multi_task or len(sources) > 1
@@ -79,7 +82,10 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
     if tables:
         check_slots(sources, slots)
     level = fused.DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    scheme = Int4Scheme.from_dict(sources[0].artifact["base"].get("int4")) if weights == "int4" else Int4Scheme()
+    scheme = Int4Scheme()
+    if weights == "int4":  # the scheme the PyTorch reference was put on (the artifact's, or `int4`)
+        scheme = Int4Scheme.from_dict(sources[0].artifact["base"].get("int4")) if \
+            sources[0].artifact["base"].get("quant") == "int4" else (int4 or Int4Scheme())
 
     output.parent.mkdir(parents=True, exist_ok=True)
     # A fresh, uniquely named folder beside the output (nothing of the user's shares its name), made with

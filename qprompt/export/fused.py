@@ -81,15 +81,17 @@ def builder_available() -> bool:
 
 
 def build_base_graph(model_folder: Path, out: Path, precision: str, *, block_size: int = 32, symmetric: bool = True,
-                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, target: str = "cpu") -> None:
+                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, target: str = "cpu",
+                     extra_options: tuple[str, ...] = ()) -> None:
     """Run onnxruntime-genai's model builder on a float model folder: `out` gets model.onnx (+ .data) and
-    genai_config.json. In a subprocess: the builder loads the model again, and its memory goes with it."""
+    genai_config.json. In a subprocess: the builder loads the model again, and its memory goes with it.
+    `extra_options`: more of the builder's KEY=VALUE options (bench/edge.py tries other int4 schemes)."""
     if not builder_available():
         raise BuilderUnavailable("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
     # windowed_kv_cache=false: sliding-window layers (Gemma-2/3, Mistral) keep a full-length buffer like the others
     # (their window still applies), so one buffer capacity serves every layer.
     options = [f"accuracy_level={accuracy_level}", f"block_size={block_size}", f"is_symmetric={str(symmetric).lower()}",
-               "hf_remote=false", "hf_token=false", "windowed_kv_cache=false"]
+               "hf_remote=false", "hf_token=false", "windowed_kv_cache=false", *extra_options]
     with tempfile.TemporaryDirectory(prefix="qprompt-builder-") as cache:  # a fresh cache: never a stale tensor
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", model_folder.name, "-i",
                str(model_folder), "-o", str(out), "-p", precision, "-e", target, "-c", cache,

@@ -70,16 +70,16 @@ class TaskSource:
 
 
 def load_task(artifact: str | Path | None, weights: str, name: str | None = None, base_model: str | None = None,
-              recipe=None) -> TaskSource:
+              recipe=None, int4_scheme: dict | None = None) -> TaskSource:
     """An artifact (or, with `base_model`, a bare base: no soft prompt), ready to export on float32 weights."""
     if base_model is None:
         model, tokenizer, recipe, manifest = load_artifact(artifact, quant=weights, compute_dtype="float32",
-                                                           device="cpu")
+                                                           device="cpu", int4_scheme=int4_scheme)
         manifest = {**manifest, "folder": Path(artifact).resolve().name}
     else:
         from ..models import load_model
 
-        model, tokenizer, info = load_model(base_model, weights, "float32", "cpu")
+        model, tokenizer, info = load_model(base_model, weights, "float32", "cpu", int4_scheme=int4_scheme)
         manifest = {"base": info.to_dict(), "method": "none", "virtual_tokens": 0, "folder": None}
     model.eval()
     base = model.get_base_model() if virtual_tokens(model) else model
