@@ -123,14 +123,14 @@ def check_base(data: dict, info: ModelInfo, folder: str | Path) -> None:
 def load_artifact(folder: str | Path, model: str | None = None, quant: str | None = None,
                   compute_dtype: str | None = None, device: str | None = None, int4_scheme: dict | None = None):
     """Base model (as recorded, or as overridden) + the soft prompt; returns (model, tokenizer, recipe, manifest).
-    quant int4: the artifact's own int4 scheme if it was trained on int4, else `int4_scheme` (default: the default)."""
+    quant int4: `int4_scheme` if given, else the artifact's own if it was trained on int4, else the default."""
     data = read_manifest(folder)
     if not (Path(folder) / "adapter_config.json").is_file():
         raise QPromptError(f"{folder} has no adapter_config.json: training never saved a prompt; train again")
     check_adapter_weights(folder)
     base = data["base"]
     quant = quant or base["quant"]
-    scheme = base.get("int4") if quant == base.get("quant") else int4_scheme  # the int4 grid it was trained on
+    scheme = int4_scheme or (base.get("int4") if quant == base.get("quant") else None)  # the grid it was trained on
     model_obj, tokenizer, info = load_model(model or base["name"], quant, compute_dtype, device, int4_scheme=scheme)
     check_base(data, info, folder)
     return load_soft_prompt(model_obj, folder), tokenizer, recipe_of(data), data

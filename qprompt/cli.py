@@ -507,9 +507,11 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
     for task in data.tasks:
         p = task.parity
         twin = p.get("float_compute_twin")
-        check = (f"float32-compute twin max |logit diff| {twin['max_abs_logit_diff']:.2e}; deployed graph: next token "
-                 f"as PyTorch on {p['next_token_agreement']:.0%}" if twin else
-                 f"max |logit diff| {p['max_abs_logit_diff']:.2e}, greedy tokens equal: {p['greedy_tokens_equal']}")
+        check = (f"float32-compute twin max |logit diff| {twin['max_abs_logit_diff']:.2e}, greedy tokens equal: "
+                 f"{twin['greedy_tokens_equal']}; deployed graph: next token as PyTorch's on "
+                 f"{p['next_token_agreement']:.0%}" if twin else
+                 f"max |logit diff| {p['max_abs_logit_diff']:.2e}, greedy tokens equal: {p['greedy_tokens_equal']}"
+                 + ("" if p["exact"] else f", next token as PyTorch's on {p['next_token_agreement']:.0%}"))
         click.echo(f"exported {task.source.get('artifact')} to {output}"
                    f"{' as task ' + task.name if data.task_ids_input else ''} ({data.graph} graph): {check} "
                    f"({p['prompts']} prompts)")

@@ -75,9 +75,9 @@ def test_export_passes_parity_and_writes_a_self_contained_folder(exported):
 
 
 def test_the_fused_graph_is_the_builders_with_the_prompt_inside(artifact, tmp_path):
-    """--quantize int4: GroupQueryAttention, fused q/k/v, fused skip + RMSNorm, int4 MatMulNBits at accuracy level 4
-    with the LM head among them, the tied embedding read from the LM head's codes; the prompt is a constant."""
-    data = export(artifact, tmp_path / "int4", quantize="int4")
+    """--quantize int4: GroupQueryAttention, fused q/k/v, fused skip + RMSNorm, int4 MatMulNBits at the accuracy level
+    asked for with the LM head among them, the tied embedding read from the LM head's codes; the prompt is a constant."""
+    data = export(artifact, tmp_path / "int4", quantize="int4", accuracy_level=4)
     assert data.graph == "fused" and data.model_file == "model.int4.onnx"
     graph = onnx.load(str(tmp_path / "int4" / "model.int4.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
@@ -216,24 +216,25 @@ def test_nf4_graph_holds_the_weights_the_prompt_was_trained_against(artifact, tm
 
 
 def test_an_int4_trained_prompt_exports_to_the_weights_it_learned(int4_artifact, tmp_path):
-    """quant int4 trains on ONNX Runtime's own int4 codes; the int4 graph holds those very codes. At accuracy level
-    1 (float32 compute) the graph is the trained model to float rounding: same logits within the parity tolerance,
-    same greedy tokens, same labels. At level 4 (int8 activations, the default) its float32-compute twin must pass
-    the same check, and the deployed graph's labels are measured against the trained model's."""
-    model, tok, recipe, _ = load_artifact(int4_artifact)
+    """quant int4 trains on ONNX Runtime's own int4 codes. A classification export computes in float32 by default
+    (accuracy level 1): the int4 graph is then the trained model to float rounding (logits within the tolerance, the
+    same greedy tokens and labels). At level 4 (int8 activations: the generation default) its float32-compute twin
+    must pass that check, and the deployed graph's labels are measured against the trained model's."""
+    model, tok, recipe, manifest = load_artifact(int4_artifact)
+    assert manifest["base"]["int4"] == {"block_size": 32, "symmetric": True}
     rows = data_rows("rotten_tomatoes", "test", 32)
     encoder = Encoder(recipe, tok, 6)
     trained = classify(model, encoder, encoder.encode_all(rows, "test"))
-    exact = export(int4_artifact, tmp_path / "exact", quantize="int4", accuracy_level=1)
+    exact = export(int4_artifact, tmp_path / "exact", quantize="int4")
     parity = exact.tasks[0].parity
+    assert exact.weights == {"quantization": "int4", "accuracy_level": 1,
+                             "int4": {"block_size": 32, "symmetric": True}}
     assert parity["exact"] and parity["max_abs_logit_diff"] <= parity["tolerance"] and parity["greedy_tokens_equal"]
-    assert exact.weights == {"quantization": "int4", "int4": {"block_size": 32, "symmetric": True},
-                             "accuracy_level": 1}
     assert ExportedModel(tmp_path / "exact").classify(rows) == trained
-    fast = export(int4_artifact, tmp_path / "fast", quantize="int4")
-    twin = fast.tasks[0].parity["float_compute_twin"]
+    level4 = export(int4_artifact, tmp_path / "level4", quantize="int4", accuracy_level=4)
+    twin = level4.tasks[0].parity["float_compute_twin"]
     assert twin["max_abs_logit_diff"] <= twin["tolerance"] and twin["greedy_tokens_equal"]
-    labels = ExportedModel(tmp_path / "fast").classify(rows)
+    labels = ExportedModel(tmp_path / "level4").classify(rows)
     assert sum(a == b for a, b in zip(labels, trained)) >= 0.9 * len(rows)
 
 

@@ -59,7 +59,7 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
 
     graph: "fused" (onnxruntime-genai's model builder + the prompt), "written" (torch's exporter), or "auto"
     (fused where the builder knows the base). The folder holds the graph `quantize` names, and the float32
-    graph too only with `keep_float`. accuracy_level: int4/int8 compute (fused.DEFAULT_ACCURACY_LEVEL). int4: the
+    graph too only with `keep_float`. accuracy_level: int4/int8 compute (default_accuracy_level). int4: the
     int4 scheme for an artifact not trained on int4 (one trained on int4 keeps its own)."""
     output = Path(output)
     artifacts = [artifact] if isinstance(artifact, (str, Path)) or artifact is None else list(artifact)
@@ -73,19 +73,16 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
         check_export_output(output, art, overwrite)
     start = time.perf_counter()
     weights = base_weights(quantize)
+    scheme = int4_scheme(artifacts, int4) if weights == "int4" else Int4Scheme()
     sources = [load_task(art, weights, names[i] if names else None, base_model, recipe,
-                         int4.to_dict() if int4 and weights == "int4" else None)
+                         scheme.to_dict() if weights == "int4" else None)
                for i, art in enumerate(artifacts)]
+    level = default_accuracy_level(sources) if accuracy_level is None else accuracy_level
     check_same_base(sources)
     tables = multi_task or len(sources) > 1
     slots = prefix_slots or max(s.artifact["virtual_tokens"] for s in sources)
     if tables:
         check_slots(sources, slots)
-    level = fused.DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    scheme = Int4Scheme()
-    if weights == "int4":  # the scheme the PyTorch reference was put on (the artifact's, or `int4`)
-        scheme = Int4Scheme.from_dict(sources[0].artifact["base"].get("int4")) if \
-            sources[0].artifact["base"].get("quant") == "int4" else (int4 or Int4Scheme())
 
     output.parent.mkdir(parents=True, exist_ok=True)
     # A fresh, uniquely named folder beside the output (nothing of the user's shares its name), made with
@@ -122,6 +119,27 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
         shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted export leaves nothing behind
         raise
     return data
+
+
+def int4_scheme(artifacts: list, asked: Int4Scheme | None) -> Int4Scheme:
+    """The int4 scheme of the graph and of its PyTorch reference: the grid the (first) artifact trained on, else
+    `asked`, else the default."""
+    from ..artifact import read_manifest
+
+    trained = None
+    if artifacts and artifacts[0] is not None:
+        base = read_manifest(artifacts[0])["base"]
+        trained = base.get("int4") if base.get("quant") == "int4" else None
+    return Int4Scheme.from_dict(trained) if trained else (asked or Int4Scheme())
+
+
+def default_accuracy_level(sources: list[TaskSource]) -> int:
+    """MatMulNBits compute, by what the export serves (measured on SmolLM2, docs/benchmarks.md): generation
+    decodes one token at a time, where int8 activations (level 4) are fastest; classification only prefills,
+    where float32 compute (level 1) is faster on the CPUs measured, and exact: the graph gives the trained
+    model's labels."""
+    generates = any(s.recipe is None or s.recipe.task != "classification" for s in sources)
+    return fused.DEFAULT_ACCURACY_LEVEL if generates else 1
 
 
 def _fused(sources: list[TaskSource], tmp: Path, quantize: str, tables: bool, slots: int, scheme: Int4Scheme,
@@ -245,41 +263,38 @@ def _manifest(sources: list[TaskSource], tmp: Path, made: dict, quantize: str, t
 def _check(sources: list[TaskSource], tmp: Path, data: ExportManifest, parity_tokens: int) -> None:
     """Parity of every graph in the folder against each task's PyTorch model, on its stored validation rows.
 
-    Exact graphs must pass (fp32; nf4/fp4, which hold the reference's very weights; int4 at accuracy level 0/1).
-    An int4/int8 graph computing with int8 activations is approximate: its exact twin (the same file with float32
-    compute) must pass, and the deployed graph's agreement is recorded."""
+    Exact graphs must pass: float32; nf4/fp4 (the reference's very weights); int4 at accuracy level 0/1 (float32
+    compute on the reference's int4 weights). At level 4 an int4 graph rounds every layer's input to int8: a float
+    difference of one ulp moves a value at half a level to the other side, so no reference can match it to float
+    rounding. Its float32-compute twin (the same file at level 1) must pass instead, and the deployed graph's
+    agreement with the reference is recorded; int8 and int8-dynamic quantize what the float reference does not:
+    their agreement is recorded."""
     rel = PARITY_REL_FUSED if data.graph == "fused" else PARITY_REL
-    approximate = data.quantization in ("int8", "int8-dynamic") or (
-        data.quantization == "int4" and data.weights.get("accuracy_level", 0) >= 2)
+    level = data.weights.get("accuracy_level", 0)
     for name in data.files:
         quant = data.files[name]["quantization"]
         runtime = ExportedModel(tmp, name, providers=["CPUExecutionProvider"])
-        twin = None
-        if quant == "int4" and approximate:
-            twin = fused.float_compute_twin(tmp / name)
+        exact = quant in ("none", "nf4", "fp4") or (quant == "int4" and level <= 1)
+        twin = fused.float_compute_twin(tmp / name) if quant == "int4" and not exact else None
         for source, task in zip(sources, data.tasks):
             samples = source.artifact.get("samples") or []
             prompts = ([runtime.prompt_ids(row, task=task.name) for row in samples] if samples
                        else [runtime.encode("The film opens on a quiet street, and then")])
-            # An int8 graph is measured against the float base; every other graph against the very weights it holds.
             report = parity(source.model, runtime, prompts, parity_tokens, task.name, rel)
-            checks = {"graph": report}
-            exact = quant in ("none", *BNB4) or (quant == "int4" and not approximate)
+            gate = report if exact else None
             if twin is not None:
-                checks["float_compute_twin"] = parity(source.model, ExportedModel(tmp, twin.name,
-                                                      providers=["CPUExecutionProvider"]), prompts, parity_tokens,
-                                                      task.name, rel)
-            gate = checks["graph"] if exact else checks.get("float_compute_twin")
+                gate = report["float_compute_twin"] = parity(
+                    source.model, ExportedModel(tmp, twin.name, providers=["CPUExecutionProvider"]), prompts,
+                    parity_tokens, task.name, rel)
             if gate is not None and not passed(gate):
-                which = "its float32-compute twin" if gate is not checks["graph"] else name
+                which = f"{name}'s float32-compute twin" if twin is not None else name
                 raise QPromptError(
                     f"the exported graph ({which}) does not match PyTorch for {task.name} (max logit difference "
                     f"{gate['max_abs_logit_diff']:.2e} > {gate['tolerance']:.1e}, greedy tokens equal: "
                     f"{gate['greedy_tokens_equal']}); nothing was written; export with --graph written, or report "
                     "the model")
             if name == data.model_file:
-                task.parity = {**report, "exact": exact, **({"float_compute_twin": checks["float_compute_twin"]}
-                                                            if twin is not None else {})}
+                task.parity = {**report, "exact": exact}
         if twin is not None:
             twin.unlink()
 

@@ -48,7 +48,7 @@ GRAPH_FILE = "model.onnx"
 BUILDER_PRECISION = {"none": "fp32", "int4": "int4", "int8": "int8", "int8-dynamic": "fp32", "nf4": "fp32",
                      "fp4": "fp32"}
 # int4/int8 MatMulNBits compute: 4 quantizes activations to int8 per block (the builder's CPU default, and the
-# fastest: docs/benchmarks.md), 1 computes in float32 (exact to the dequantized weights).
+# fastest per decoded token: docs/benchmarks.md), 1 computes in float32 (exact to the dequantized weights).
 DEFAULT_ACCURACY_LEVEL = 4
 EOS_PENALTY = -1.0e4  # added to every logit but EOS's when the cache is full: finite, so fp16 graphs stay finite
 
@@ -405,16 +405,15 @@ def move_graph(source: Path, target: Path) -> None:
 
 
 def float_compute_twin(path: Path) -> Path:
-    """A copy of the int4/int8 graph at `path` whose MatMulNBits compute in float32 (accuracy level 1), reading
-    the same weight file: equal to the PyTorch model on the same weights up to float rounding."""
+    """A copy of the int4/int8 graph at `path` whose MatMulNBits compute in float32 (accuracy level 1), reading the
+    same weight file: equal to the PyTorch model on the same weights up to float rounding."""
     import onnx
 
     model = load_proto(path)
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = 1
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 1
     twin = path.with_name(f".{path.stem}.float-compute.onnx")
     onnx.save(model, str(twin))
     return twin
