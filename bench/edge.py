@@ -5,10 +5,11 @@ trained on int4 (`qprompt train --quant int4`), the graph kinds:
 
     builder-fp32, builder-int4   anchors: the model builder's own graphs of the bare base (no prompt)
     fp32                         the nf4-trained prompt, fused float32 graph (full-precision weights)
-    int8, int8-dynamic, nf4      the nf4-trained prompt, fused
+    int8 (level 4), int8-dynamic, nf4    the nf4-trained prompt, fused
     int4-ptq                     the nf4-trained prompt in an int4 graph (weights it never trained on)
-    int4                         the int4-trained prompt in its int4 graph (accuracy level 4: the default)
-    int4-level1                  the same, float32 compute
+    int4                         the int4-trained prompt in its int4 graph, the classification default (accuracy
+                                 level 1: float32 compute)
+    int4-level4                  the same graph computing with int8 activations (the generation default)
     written-fp32, written-int4   the written-out graph (torch's exporter), as before the fused graph
 
 Parts (each saves into --out as it ends; rerun with --parts to redo one):
@@ -20,7 +21,7 @@ Parts (each saves into --out as it ends; rerun with --parts to redo one):
             the trained PyTorch model's labels
   floor     memory bandwidth of this machine (numpy) and the per-token floor it puts on each graph
   schemes   int4 schemes for the nf4-trained sentiment prompt (symmetric/asymmetric, block 32/64/128, k-quant
-            scales, an 8-bit LM head): size, per-token time, accuracy
+            scales, an 8-bit LM head): size and accuracy before any int4 training
 
     python bench/edge.py --work /work/edge --artifact sentiment:nf4=RUNS/sentiment-nf4 \\
         --artifact sentiment:int4=RUNS/sentiment-int4 --artifact spam:nf4=RUNS/spam-nf4 \\
@@ -49,12 +50,12 @@ from bench.machine import describe  # noqa: E402
 # kind -> (artifact trained on, export quantize, export options)
 KINDS = {
     "fp32": ("nf4", "none", {}),
-    "int8": ("nf4", "int8", {}),
+    "int8": ("nf4", "int8", {"accuracy_level": 4}),
     "int8-dynamic": ("nf4", "int8-dynamic", {}),
     "nf4": ("nf4", "nf4", {}),
     "int4-ptq": ("nf4", "int4", {}),
     "int4": ("int4", "int4", {}),
-    "int4-level1": ("int4", "int4", {"accuracy_level": 1}),
+    "int4-level4": ("int4", "int4", {"accuracy_level": 4}),
     "written-fp32": ("nf4", "none", {"graph": "written"}),
     "written-int4": ("nf4", "int4", {"graph": "written"}),
 }
@@ -343,9 +344,10 @@ def weight_bytes(folder: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ schemes
-def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int, threads: int, rounds: int) -> dict:
-    """The nf4-trained sentiment prompt (no int4 training) in int4 graphs of several schemes: the prompt's rows are
-    copied from its sym-b32 export (same prompt, same base), the graph is the builder's with other options."""
+def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int) -> dict:
+    """The nf4-trained sentiment prompt (no int4 training) in int4 graphs of several schemes, float32 compute: the
+    prompt's rows are copied from its sym-b32 export (same prompt, same base), the graph is the builder's with other
+    options. Size and test accuracy: how much each scheme loses before any int4 training."""
     from qprompt.data import read_rows
     from qprompt.export import fused
     from qprompt.manifest import ExportManifest
@@ -358,7 +360,6 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int, thread
     rows = read_rows(str(data / "rotten_tomatoes" / "test.jsonl"))
     rows = rows[:limit] if limit else rows
     gold = [r["label"] for r in rows]
-    ids = prompt_ids(nf4_export, 40, data)
     source = Path(resolve_model("smollm2-135m"))
     out = {}
     for name, options in SCHEMES.items():
@@ -366,7 +367,7 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int, thread
         if not (folder / "qprompt-export.json").is_file():
             build = work / f".scheme-{name}"
             shutil.rmtree(build, ignore_errors=True)
-            fused.build_base_graph(source, build, "int4", extra_options=options)
+            fused.build_base_graph(source, build, "int4", accuracy_level=1, extra_options=options)
             folder.mkdir(exist_ok=True)
             fused.move_graph(build / fused.GRAPH_FILE, folder / manifest.model_file)
             fused.add_prefix(folder / manifest.model_file, tables, manifest.head_dim, manifest.num_layers,
@@ -377,13 +378,9 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int, thread
             for extra in ("tokenizer.json", "tokenizer_config.json", "qprompt-export.json"):
                 shutil.copy(nf4_export / extra, folder / extra)
             shutil.rmtree(build)
-        runtime = ExportedModel(folder, providers=["CPUExecutionProvider"])
-        predictions = runtime.classify(rows)
-        genai = genai_model(folder, threads)
-        tokens = [statistics.median(time_genai(genai, ids, 32, manifest.prefix_slots)[1]) for _ in range(rounds + 1)]
+        predictions = ExportedModel(folder, providers=["CPUExecutionProvider"]).classify(rows)
         out[name] = {**_metrics(classification_metrics(predictions, gold, sorted(set(gold)))),
-                     "file_mb": folder_mb(folder), "genai_token_ms": round(1000 * statistics.median(tokens[1:]), 2),
-                     "rows": len(rows)}
+                     "file_mb": folder_mb(folder), "rows": len(rows)}
         print(name, out[name], flush=True)
     return out
 
@@ -438,7 +435,7 @@ def main(work, artifact_specs, model, data, parts, threads, rounds, prompt_token
         results["floor"] = measure_floor(folders, results.get("speed", {}))
         save(out, results)
     if "schemes" in wanted:
-        results["schemes"] = measure_schemes(work, folders["sentiment-int4-ptq"], data, limit, threads, rounds)
+        results["schemes"] = measure_schemes(work, folders["sentiment-int4-ptq"], data, limit)
         save(out, results)
     save(out, results)
     print_table(results)

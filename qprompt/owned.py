@@ -16,6 +16,12 @@ from .errors import QPromptError
 RECORD = ".qprompt-files"
 
 
+def plain(name: str) -> bool:
+    """Whether `name` names an entry *in* a folder: not empty, not . or .., no path separator. Names read from a file
+    (a record, a manifest's ledger) are used only if plain, so a crafted file cannot point outside its folder."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def has_record(folder: Path) -> bool:
     return (folder / RECORD).is_file()
 
@@ -25,7 +31,7 @@ def owned(folder: Path) -> set[str]:
     path = folder / RECORD
     if not path.is_file():
         return set()
-    return {line for line in path.read_text().splitlines() if line and "/" not in line and line not in (".", "..")}
+    return {line for line in path.read_text().splitlines() if plain(line)}
 
 
 def _write(folder: Path, names: set[str]) -> None:
@@ -59,3 +65,12 @@ def refuse_foreign(folder: Path, names: set[str], mine: set[str], fix: str) -> N
     if foreign:
         listed = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise QPromptError(f"{folder} holds {listed}, which qprompt did not write and will not replace; {fix}")
+
+
+def refuse_links(folder: Path, names: set[str]) -> None:
+    """Stop before qprompt would write through a symbolic link at one of its names in `folder`: writing there would
+    change whatever the link points to, possibly outside the folder."""
+    links = sorted(n for n in names if (folder / n).is_symlink())
+    if links:
+        raise QPromptError(f"{folder / links[0]} is a symbolic link; qprompt writes only plain files and folders "
+                           "there and will not write through it: remove the link (its target stays) and run again")

@@ -95,6 +95,10 @@ class ExportedModel:
 
         self.folder = Path(folder)
         self.manifest = m = ExportManifest.read(folder)
+        from .owned import plain
+
+        if model_file is not None and not plain(model_file):
+            raise ExportError(f"--model-file {model_file!r} is not a file name in {folder}: name a graph in the folder")
         self.model_path = path = self.folder / (model_file or m.model_file)
         for needed in (path, self.folder / "tokenizer.json"):
             if not needed.is_file():

@@ -31,6 +31,7 @@ from .errors import QPromptError
 from .evaluate import evaluate as evaluate_rows
 from .evaluate import main_metric
 from .forward import target_logprobs
+from .manifest import EXPORT_MANIFEST
 from .memory import (
     enable_gradient_checkpointing,
     glibc,
@@ -74,10 +75,14 @@ def run_names(output: Path) -> set[str]:
 
 def check_output(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an earlier run unless asked, or to write over a name qprompt did not write; touches nothing."""
+    owned.refuse_links(output, set(RUN_NAMES) | {owned.RECORD, owned.RECORD + ".partial"})
     if resume:
         if not _checkpoint_dir(output):
             raise QPromptError(f"nothing to resume in {output}: it holds no checkpoint; run without --resume to start")
         return
+    if (output / EXPORT_MANIFEST).exists():
+        raise QPromptError(f"{output} holds an export ({EXPORT_MANIFEST}), not a training run; train into a folder of "
+                           "its own (qprompt never removes another kind's files)")
     mine = run_names(output)
     if any((output / n).exists() for n in mine) and not overwrite:
         raise QPromptError(

@@ -163,3 +163,113 @@ def test_resume_drops_a_metrics_line_a_kill_cut_short(tmp_path):
     drop_lines_after(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"
     assert not (tmp_path / "metrics.jsonl.partial").exists()
+
+
+# ----------------------------------------------------------------------------------- folders of another kind
+def test_export_never_overwrites_a_training_run_and_train_never_an_export(run_dir, tiny_recipe, sentiment_files,
+                                                                          tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    listing = sorted(os.listdir(run))
+    for overwrite in (False, True):
+        with pytest.raises(QPromptError, match=r"holds a training run \(qprompt.json\), not an export"):
+            export(run_dir, run, overwrite=overwrite)
+    assert sorted(os.listdir(run)) == listing
+    exp = tmp_path / "exp"
+    export(run_dir, exp)
+    listing = sorted(os.listdir(exp))
+    with pytest.raises(QPromptError, match="holds an export .*not a training run"):
+        _train(tiny_recipe, sentiment_files, exp, overwrite=True)
+    assert sorted(os.listdir(exp)) == listing
+
+
+# ----------------------------------------------------------------------------------- crafted files
+def test_a_crafted_ledger_never_reaches_outside_the_export_folder(run_dir, tmp_path):
+    """An export folder from before records (no .qprompt-files) whose manifest's `files` names `..` or a path: export
+    --overwrite removes only plain names inside the folder; the folder's parent and its other files stay."""
+    parent = tmp_path / "shared"
+    out = parent / "exp"
+    out.mkdir(parents=True)
+    (parent / "someone-elses.txt").write_text("keep me")
+    (out / "qprompt-export.json").write_text(json.dumps({"files": {"..": {}, "../someone-elses.txt": {},
+                                                                   "/etc/hostname": {}, "model.onnx": {}}}))
+    (out / "model.onnx").write_text("old graph")
+    export(run_dir, out, overwrite=True)
+    assert (parent / "someone-elses.txt").read_text() == "keep me"
+    assert json.loads((out / "qprompt-export.json").read_text())["format"] == "qprompt-export/3"
+
+
+@pytest.mark.parametrize("name", ["../other/model.onnx", "/etc/passwd", "..", "sub/model.onnx"])
+def test_a_crafted_model_file_is_refused(run_dir, tmp_path, name):
+    from qprompt.runtime import ExportedModel, ExportError
+
+    out = tmp_path / "exp"
+    export(run_dir, out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
+    manifest = json.loads((out / "qprompt-export.json").read_text())
+    (out / "qprompt-export.json").write_text(json.dumps({**manifest, "model_file": name}))
+    with pytest.raises(ExportError, match="is not a file name in the export folder"):
+        ExportedModel(out)
+    with pytest.raises(ExportError, match="not a file name in"):
+        ExportedModel(out, model_file="../other/model.onnx")
+
+
+@pytest.mark.parametrize("name", ["loss.png", "metrics.jsonl.partial", "checkpoint.partial"])
+def test_train_never_writes_through_a_symbolic_link(run_dir, tiny_recipe, sentiment_files, tmp_path, name):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("untouched")
+    target = outside if name.endswith(".partial") and name.startswith("checkpoint") else outside / "victim"
+    if (run / name).exists():
+        (run / name).unlink()
+    (run / name).symlink_to(target)
+    recipe = tiny_recipe
+    recipe.train.max_steps = 4
+    with pytest.raises(QPromptError, match=f"{name} is a symbolic link"):
+        _train(recipe, sentiment_files, run, resume=True)
+    assert (outside / "victim").read_text() == "untouched" and sorted(os.listdir(outside)) == ["victim"]
+
+
+# ----------------------------------------------------------------------------------- the shared cache
+_MAKER = """
+import sys, time
+from pathlib import Path
+from qprompt.sources import make_once
+
+def build(tmp):
+    tmp.mkdir()
+    (tmp / "log").write_text(sys.argv[2])
+    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    (tmp / "config.json").write_text("{}")
+    with open(Path(sys.argv[1]).parent / "builds", "a") as f:
+        f.write(sys.argv[2] + "\\n")
+
+make_once(Path(sys.argv[1]), build, done=lambda p: (p / "config.json").is_file())
+print((Path(sys.argv[1]) / "log").read_text())
+"""
+
+
+def test_processes_started_together_make_a_cache_entry_once(tmp_path):
+    """Two processes needing the same cache entry at once (two terminals, a sweep): one builds it under the cache's
+    lock in its own temporary folder, the other waits and finds it complete; nothing is left half-made."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QPROMPT_CACHE": str(tmp_path / "cache")}
+    entry = tmp_path / "cache" / "models" / "alias"
+    procs = [subprocess.Popen([sys.executable, "-c", _MAKER, str(entry), str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outputs]
+    builds = (entry.parent / "builds").read_text().split()
+    assert len(builds) == 1  # built once
+    assert {o[0].strip() for o in outputs} == set(builds)  # both processes read the one entry
+    assert sorted(os.listdir(entry)) == ["config.json", "log"]
+    assert [p.name for p in entry.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left

@@ -30,11 +30,31 @@ def check_export_output(output: Path, artifact: str | Path | None, overwrite: bo
         if out == art or out in art.parents:
             raise QPromptError(f"--output {output} is the artifact folder or one above it; export into a folder "
                                f"of its own, e.g. --output {art.name}-export")
-    is_export = (output / EXPORT_MANIFEST).exists() or owned.has_record(output)
+    if output.is_symlink():
+        raise QPromptError(f"--output {output} is a symbolic link; export into a plain folder")
+    if output.is_dir():
+        owned.refuse_links(output, {owned.RECORD, owned.RECORD + ".partial"})
+    holds = folder_kind(output)
+    if holds not in (None, "export"):
+        raise QPromptError(f"{output} holds {holds}, not an export; export into a folder of its own, e.g. --output "
+                           f"{output.name}-export (qprompt never removes another kind's files)")
+    is_export = holds == "export"
     if is_export and not overwrite:
         raise QPromptError(f"{output} already holds an export; pass --overwrite or choose another --output")
     if output.exists() and any(output.iterdir()) and not is_export:
         raise QPromptError(f"{output} exists and is not an export folder; choose an empty or new --output")
+
+
+def folder_kind(folder: Path) -> str | None:
+    """What a folder holds, by the files qprompt's commands write: "export", "a training run (...)", or None."""
+    from ..artifact import ADAPTER_WEIGHTS, MANIFEST
+
+    if (folder / EXPORT_MANIFEST).exists():
+        return "export"
+    run = [n for n in (MANIFEST, ADAPTER_WEIGHTS, "checkpoint") if (folder / n).exists()]
+    if run:
+        return f"a training run ({run[0]})"
+    return "export" if owned.has_record(folder) else None
 
 
 def portable_base(base: dict) -> dict:
@@ -56,7 +76,7 @@ def _earlier_export(output: Path, names: set[str]) -> set[str]:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         old = json.loads((output / EXPORT_MANIFEST).read_text())
         files |= {f for name in old.get("files", {}) for f in (name, name + ".data")}
-    return {f for f in files if "/" not in f}
+    return {f for f in files if owned.plain(f)}
 
 
 def install_export(tmp: Path, output: Path) -> None:

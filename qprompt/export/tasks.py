@@ -148,7 +148,7 @@ def _export_names(folder: Path, manifest: ExportManifest) -> list[str]:
     names = owned.owned(folder) if owned.has_record(folder) else {EXPORT_MANIFEST, *manifest.files}
     for graph in list(manifest.files):
         names.add(graph + ".data")
-    return sorted(n for n in names if (folder / n).is_file() and n != owned.RECORD)
+    return sorted(n for n in names if owned.plain(n) and (folder / n).is_file() and n != owned.RECORD)
 
 
 def _rewrite_tables(folder: Path, manifest: ExportManifest, change, tasks: list[TaskEntry], check=None):
