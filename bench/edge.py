@@ -10,6 +10,7 @@ trained on int4 (`qprompt train --quant int4`), the graph kinds:
     int4                         the int4-trained prompt in its int4 graph, the classification default (accuracy
                                  level 1: float32 compute)
     int4-level4                  the same graph computing with int8 activations (the generation default)
+    int4-adapted                 the nf4-trained prompt after a short `--quant int4 --init-from` run (TASK:adapted=...)
     written-fp32, written-int4   the written-out graph (torch's exporter), as before the fused graph
 
 Parts (each saves into --out as it ends; rerun with --parts to redo one):
@@ -56,6 +57,7 @@ KINDS = {
     "int4-ptq": ("nf4", "int4", {}),
     "int4": ("int4", "int4", {}),
     "int4-level4": ("int4", "int4", {"accuracy_level": 4}),
+    "int4-adapted": ("adapted", "int4", {}),
     "written-fp32": ("nf4", "none", {"graph": "written"}),
     "written-int4": ("nf4", "int4", {"graph": "written"}),
 }
@@ -390,7 +392,8 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int) -> dic
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qprompt-edge"),
               show_default=True, help="Where the export folders are made and kept.")
 @click.option("--artifact", "artifact_specs", multiple=True,
-              help="TASK:QUANT=FOLDER, QUANT nf4 or int4 (e.g. sentiment:int4=runs/sentiment-int4); repeatable.")
+              help="TASK:QUANT=FOLDER, QUANT nf4, int4 or adapted (e.g. sentiment:int4=runs/sentiment-int4); "
+                   "repeatable.")
 @click.option("--model", default="smollm2-135m", show_default=True, help="The base (for the builder's anchors).")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=ROOT.parent / "shared" / "data",
               show_default=True, help="Task data (TASK/test.jsonl).")
@@ -413,8 +416,9 @@ def main(work, artifact_specs, model, data, parts, threads, rounds, prompt_token
     for spec in artifact_specs:
         task_quant, _, folder = spec.partition("=")
         task, _, quant = task_quant.partition(":")
-        if task not in TASK_DATA or quant not in ("nf4", "int4") or not folder:
-            raise click.BadParameter(f"{spec!r}: use TASK:QUANT=FOLDER with TASK in {list(TASK_DATA)}, QUANT nf4/int4")
+        if task not in TASK_DATA or quant not in ("nf4", "int4", "adapted") or not folder:
+            raise click.BadParameter(f"{spec!r}: use TASK:QUANT=FOLDER with TASK in {list(TASK_DATA)}, QUANT nf4, "
+                                     "int4 or adapted")
         artifacts.setdefault(task, {})[quant] = Path(folder)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     work.mkdir(parents=True, exist_ok=True)

@@ -313,6 +313,12 @@ class Trainer:
             scope.enter_context(grouped_query_sdpa())
             libc = glibc()
         try:
+            if state["step"] == 0 and state["best"] is None and self.recipe.method.init_from:
+                # A prompt started from another artifact is already a candidate: training keeps it unless a step
+                # does better (adapting an nf4 prompt to int4 with a high learning rate can first make it worse).
+                value = self.evaluate()
+                bar.write(f"step 0 (the prompt of {self.recipe.method.init_from}): validation {self.metric_name} "
+                          f"{value:.4f}")
             while state["step"] < cfg.max_steps:
                 resume_at = (state["epoch"], state["position"])  # where an interrupted step restarts
                 self._step(libc)

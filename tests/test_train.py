@@ -104,7 +104,7 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_recipe, sentiment_files
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning", "prefix-tuning"])
-@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8", "none"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8", "int4", "none"])
 def test_method_by_quantization_matrix(tiny_recipe, sentiment_files, tmp_path, method, quant):
     """Every method trains on every quantization, saves a PEFT artifact, and reloads to the same prompt."""
     from qprompt.methods import add_soft_prompt
@@ -160,3 +160,19 @@ def test_summarize_recipe_trains_and_scores_rouge(tiny_model_dir, tmp_path):
     hard = evaluate(base, tok, recipe, rows[20:22], "test", hard_prompt=True, shots=rows[:1])
     for report in (soft, hard):
         assert 0 <= report["rouge_l"] <= 1 and report["rows"] == 2
+
+
+def test_a_prompt_started_from_an_artifact_is_kept_unless_training_beats_it(tiny_recipe, sentiment_files, tmp_path):
+    """--init-from (e.g. an nf4 prompt moved to an int4 base): the starting prompt is evaluated at step 0 and stays the
+    artifact's prompt if no step does better; here a learning rate of 1e4 wrecks every step."""
+    source = tmp_path / "source"
+    _run(tiny_recipe, sentiment_files, source, "none")
+    tiny_recipe.method.init_from = str(source)
+    tiny_recipe.train.lr, tiny_recipe.train.max_steps, tiny_recipe.train.eval_every = 1e4, 2, 1
+    out = tmp_path / "moved"
+    _run(tiny_recipe, sentiment_files, out, "int4")
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    assert read_manifest(out)["training"]["best_step"] == 0
+    assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"],
+                       load_file(source / "adapter_model.safetensors")["prompt_embeddings"])
