@@ -539,7 +539,7 @@ def folder_mb(folder: Path) -> float:
 @click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="Sample from the most likely tokens whose probabilities sum to P; the most likely token is "
                    "always kept, so 0 is greedy.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed for sampling (0 or more).")
 @click.option("--stop", multiple=True, help="Stop a row's output at this string (repeatable).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--model-file", type=str, default=None, help="Which graph in the folder [default: the manifest's].")

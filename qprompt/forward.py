@@ -59,6 +59,16 @@ def cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+@torch.no_grad()
+def cache_shape(model) -> tuple[int, int]:
+    """(key/value heads, head dim) of a model's KV cache, read off a one-token forward pass: configs do not say it
+    the same way (Falcon's multi-query attention keeps one head whatever num_kv_heads says)."""
+    base = base_of(model)
+    out = base(input_ids=torch.ones((1, 1), dtype=torch.long, device=base.device), use_cache=True)
+    keys = cache_of(out).layers[0].keys
+    return int(keys.shape[1]), int(keys.shape[3])
+
+
 class FixedPrefix(DynamicCache):
     """A KV cache that holds the learned prefix and is never written: each layer reads prefix + its own
     keys/values. Because the forward does not mutate it, a checkpointed layer can be run twice."""

@@ -449,6 +449,8 @@ def create_app(model: ExportedModel, options: ServeOptions | None = None, name: 
                     body = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise RequestError(f"the body is not valid JSON ({exc})") from None
+                except RecursionError:  # thousands of nested brackets: valid JSON, but no request has that shape
+                    raise RequestError("the body nests too deeply to be a request; send a flat JSON object") from None
                 if not isinstance(body, dict):
                     raise RequestError("the body must be a JSON object")
                 result = await method(body)

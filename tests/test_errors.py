@@ -301,6 +301,14 @@ def test_run_raw_is_for_prompt_text_only(exported, artifact, sentiment_files):
     assert result.exit_code == 0, result.output
 
 
+def test_a_negative_seed_is_one_usage_error(exported):
+    for temperature in ("0", "1"):
+        result = run("run", exported, "--prompt", "a film", "--temperature", temperature, "--seed", "-1")
+        assert result.exit_code == 2 and "--seed" in result.output and "-1" in result.output
+        assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception,
+                                                                                          SystemExit)
+
+
 def test_top_p_zero_keeps_the_most_likely_token(exported):
     args = ["run", exported, "--prompt", "a warm and funny film", "--max-new-tokens", 6]
     greedy = run(*args)

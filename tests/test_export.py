@@ -76,7 +76,7 @@ def test_export_passes_parity_and_writes_a_self_contained_folder(exported):
 
 def test_the_fused_graph_is_the_builders_with_the_prompt_inside(artifact, tmp_path):
     """--quantize int4: GroupQueryAttention, fused q/k/v, fused skip + RMSNorm, int4 MatMulNBits at the accuracy level
-    asked for with the LM head among them, the tied embedding read from the LM head's codes; the prompt is a constant."""
+    asked for with the LM head among them, the tied embedding read from the LM head's codes; the prompt a constant."""
     data = export(artifact, tmp_path / "int4", quantize="int4", accuracy_level=4)
     assert data.graph == "fused" and data.model_file == "model.int4.onnx"
     graph = onnx.load(str(tmp_path / "int4" / "model.int4.onnx"), load_external_data=False).graph

@@ -53,11 +53,16 @@ def tiny_family(family: str, tokenizer_dir, folder):
     return folder
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_exports_with_parity(family, tiny_model_dir, sentiment_files, tmp_path):
+CASES = [(family, "prompt-tuning") for family in FAMILIES] + [("falcon", "prefix-tuning")]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_each_family_exports_with_parity(family, method, tiny_model_dir, sentiment_files, tmp_path):
+    """Falcon with prefix tuning too: PEFT would size its prefix for four key/value heads, the cache holds one."""
     model_dir = tiny_family(family, tiny_model_dir, tmp_path / family)
     recipe = override(load_recipe("sentiment"), model=str(model_dir), quant="none", method__virtual_tokens=4,
-                      train__max_steps=1, train__batch_size=4, train__eval_every=0, train__eval_rows=4)
+                      method__name=method, train__max_steps=1, train__batch_size=4, train__eval_every=0,
+                      train__eval_rows=4)
     model, tok, info = load_model(recipe.model, recipe.quant)
     splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
     train(recipe, model, tok, info, splits, tmp_path / "art", progress=False)

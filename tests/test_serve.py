@@ -188,6 +188,8 @@ def test_classify_returns_labels_with_their_probabilities(client, model):
     ("/v1/completions", {"prompt": "a film", "top_k": -1}, 400, "'top_k' must be between"),
     ("/v1/completions", b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "larger than 1 MiB"),
     ("/v1/classify", {"text": "a film"}, 400, "no 'input'"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nests too deeply"),
+    ("/v1/classify", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nests too deeply"),
     ("/v1/classify", {"input": "great " * 400}, 400, "this export takes at most"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_problem(client, path, body, status, message):

@@ -22,15 +22,6 @@ from .folder import portable_base
 
 
 @torch.no_grad()
-def cache_shape(base) -> tuple[int, int]:
-    """(key/value heads, head dim) of the base's KV cache, read off a one-token forward pass: configs do not say it
-    the same way (Falcon's multi-query attention keeps one head whatever num_kv_heads says)."""
-    out = base(input_ids=torch.ones((1, 1), dtype=torch.long, device=base.device), use_cache=True)
-    keys = cache_of(out).layers[0].keys
-    return int(keys.shape[1]), int(keys.shape[3])
-
-
-@torch.no_grad()
 def constant_prefix(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer keys/values of the virtual tokens: one forward pass over the soft prompt alone."""
     if not virtual_tokens(model):

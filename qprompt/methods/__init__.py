@@ -110,7 +110,16 @@ def add_soft_prompt(model, recipe: RecipeConfig, tokenizer_path: str, seed: int 
     method = get_method(recipe.method.name)
     keep_4bit_layers_trainable(model)  # also for a model loaded by the caller: an initialise hook may run it
     torch.manual_seed(seed)  # vocab and random init draw from torch's generator
-    peft_model = get_peft_model(model, method.peft_config(recipe.method, recipe, tokenizer_path))
+    config = method.peft_config(recipe.method, recipe, tokenizer_path)
+    if method.exports_as == KV_PREFIX and getattr(config, "token_dim", None) is None:
+        # PEFT sizes a prefix from the config's head counts, which some families state otherwise than their cache
+        # holds (Falcon's multi-query attention keeps one key/value head whatever num_kv_heads says): size it
+        # from the cache itself.
+        from ..forward import cache_shape
+
+        heads, head_dim = cache_shape(model)
+        config.num_attention_heads, config.token_dim = heads, heads * head_dim
+    peft_model = get_peft_model(model, config)
     if method.initialise is not None:
         method.initialise(peft_model, recipe, tokenizer_path, seed)
     return peft_model
