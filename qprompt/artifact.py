@@ -42,13 +42,17 @@ def read_checkpoint_state(path: str | Path) -> dict:
     import torch
 
     path = Path(path)
-    fix = (f"continue from a copy of {path.parent}, or start the run again with --overwrite "
-           "(the checkpoint's progress is lost)")
+    fix = (f"if you kept a copy of the run folder {path.parent.parent}, resume from the copy; else start the run again "
+           "with --overwrite (this checkpoint's progress is lost)")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise QPromptError(f"checkpoint {path} cannot be read (truncated or damaged: {first}); {fix}") from exc
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: running code from the file
+        raise QPromptError(f"checkpoint {path} holds more than tensors and plain values, so it was not written by "
+                           f"qprompt, and qprompt never runs code from a checkpoint; {fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first.split(". ")[0][:160]
+        raise QPromptError(f"checkpoint {path} cannot be read: it is truncated or damaged ({first}); {fix}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["all keys"]
     if missing:
         raise QPromptError(f"checkpoint {path} is not a qprompt training state (missing {missing[0]!r}); {fix}")
@@ -112,9 +116,15 @@ def check_base(data: dict, info: ModelInfo, folder: str | Path) -> None:
     """Refuse a base model whose architecture or vocabulary differs from the one trained on."""
     trained = data["base"]
     if trained.get("fingerprint") != info.fingerprint:
+        if trained.get("name") == info.name:  # the same name now loads another model
+            raise QPromptError(
+                f"artifact {folder} was trained on {info.name!r} with fingerprint {trained.get('fingerprint')}, but "
+                f"{info.name!r} now loads a model with fingerprint {info.fingerprint} (another architecture or "
+                "vocabulary): put the original model back at that name, or train a prompt for this one")
         raise QPromptError(
             f"artifact {folder} was trained on {trained.get('name')!r} (fingerprint {trained.get('fingerprint')}), "
-            f"but the model given is {info.name!r} (fingerprint {info.fingerprint}); pass --model {trained.get('name')}"
+            f"but the model given is {info.name!r} (fingerprint {info.fingerprint}); pass --model "
+            f"{trained.get('name')}, the base it was trained on"
         )
     if trained.get("name") != info.name:
         log.warning("base %r differs by name from %r but has the same fingerprint", info.name, trained.get("name"))

@@ -549,7 +549,9 @@ def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, t
     """Run an exported graph with ONNX Runtime (CUDA when onnxruntime-gpu is installed, else CPU)."""
     from .runtime import Sampling
 
-    if (prompt is None) == (input_file is None):
+    if prompt is not None and input_file is not None:
+        raise QPromptError("pass --prompt TEXT or --input FILE, not both")
+    if prompt is None and input_file is None:
         raise QPromptError("pass --prompt TEXT or --input FILE")
     if raw and (input_file or classify):
         # Rows of a file have fields, not one text; labels are scored after the template's prompt.
@@ -595,6 +597,8 @@ def serve(export_dir, host, port, max_batch, batch_window_ms, max_tokens_limit, 
     from .runtime import ExportedModel
     from .serve import ServeOptions, bind, serve
 
+    if not Path(export_dir).is_dir():
+        raise QPromptError(f"{export_dir} does not exist; pass the folder `qprompt export --output` wrote")
     sock = bind(host, port)  # before the model loads: a port in use is reported at once
     try:
         model = ExportedModel(export_dir, model_file, threads=threads)

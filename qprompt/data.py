@@ -301,11 +301,16 @@ class Encoder:
         prompt_ids = self.tokenizer(text, add_special_tokens=self.template.add_special_tokens)["input_ids"]
         budget = self.max_length - self.virtual_tokens - reserve
         if len(prompt_ids) > budget:
-            if self.recipe.data.on_long == "error" or budget <= self.tail_tokens:
+            total = len(prompt_ids) + reserve + self.virtual_tokens
+            if budget <= self.tail_tokens:  # truncating cannot help: the virtual tokens and target leave no room
                 raise QPromptError(
-                    f"an example has {len(prompt_ids) + reserve + self.virtual_tokens} tokens, more than "
-                    f"max_length {self.max_length}; raise data.max_length or set data.on_long: truncate"
-                )
+                    f"{self.virtual_tokens} virtual tokens + the target ({reserve} tokens) leave {max(budget, 0)} of "
+                    f"max_length {self.max_length} for the prompt, too few to keep even its last "
+                    f"{self.tail_tokens + 1}; use fewer virtual tokens or raise data.max_length")
+            if self.recipe.data.on_long == "error":
+                raise QPromptError(
+                    f"an example has {total} tokens, more than max_length {self.max_length}; raise "
+                    "data.max_length or set data.on_long: truncate")
             keep = budget - self.tail_tokens
             prompt_ids = prompt_ids[:keep] + prompt_ids[-self.tail_tokens :]
             self.truncated += 1

@@ -504,9 +504,21 @@ def bind(host: str, port: int):
     try:
         sock.bind((host, port))
     except OSError as exc:
+        import errno
+
         sock.close()
-        raise ExportError(f"cannot listen on {host}:{port} ({exc.strerror}); the port is in use or not allowed: "
-                          "pass another --port or stop the other server") from None
+        if exc.errno == errno.EADDRNOTAVAIL:  # no interface of this machine has that address
+            raise ExportError(f"cannot listen on {host}: this machine has no such address ({exc.strerror}); pass "
+                              "--host 127.0.0.1, 0.0.0.0 or one of this machine's addresses") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise ExportError(f"port {port} on {host} is in use; pass another --port or stop the other "
+                              "server") from None
+        raise ExportError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --host or --port (ports "
+                          "below 1024 need privileges)") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        sock.close()
+        raise ExportError(f"cannot listen on {host!r}: not a host name or address this machine resolves ({exc}); "
+                          "pass --host 127.0.0.1 or 0.0.0.0") from None
     sock.listen(2048)
     return sock
 

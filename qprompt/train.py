@@ -76,15 +76,21 @@ def run_names(output: Path) -> set[str]:
 def check_output(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an earlier run unless asked, or to write over a name qprompt did not write; touches nothing."""
     owned.refuse_links(output, set(RUN_NAMES) | {owned.RECORD, owned.RECORD + ".partial"})
-    if resume:
-        if not _checkpoint_dir(output):
-            raise QPromptError(f"nothing to resume in {output}: it holds no checkpoint; run without --resume to start")
-        return
     if (output / EXPORT_MANIFEST).exists():
         raise QPromptError(f"{output} holds an export ({EXPORT_MANIFEST}), not a training run; train into a folder of "
                            "its own (qprompt never removes another kind's files)")
     mine = run_names(output)
-    if any((output / n).exists() for n in mine) and not overwrite:
+    started = any((output / n).exists() for n in mine)
+    if resume:
+        if not _checkpoint_dir(output):
+            raise QPromptError(f"nothing to resume in {output}: " + (
+                "its run stopped before its first checkpoint; start it again with --overwrite" if started else
+                "it holds no training run; run without --resume to start one"))
+        return
+    if started and not overwrite and not _checkpoint_dir(output) and not (output / MANIFEST).exists():
+        raise QPromptError(f"{output} holds a run that stopped before its first checkpoint (nothing to resume); "
+                           "pass --overwrite to start it again, or choose another --output")
+    if started and not overwrite:
         raise QPromptError(
             f"{output} already holds a training run; pass --resume to continue it, --overwrite to replace it, "
             "or choose another --output"

@@ -95,6 +95,18 @@ def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment
     result = run("eval", artifact, "--model", other, "--data", sentiment_files["test"])
     assert_clean_error(result, "was trained on")
     assert f"pass --model {tiny_model_dir}" in result.output
+    # The same name now loading another model: the advice is not to pass the name it already is.
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(artifact, moved)
+    manifest = json.loads((moved / "qprompt.json").read_text())
+    manifest["base"]["name"] = str(other)
+    (moved / "qprompt.json").write_text(json.dumps(manifest))
+    result = run("eval", moved, "--data", sentiment_files["test"])
+    assert_clean_error(result, "now loads a model with fingerprint")
+    assert "put the original model back" in result.output
+    assert "--model" not in result.output
 
 
 def test_ci_runs_the_readme_install_and_test_commands_in_a_fresh_venv():

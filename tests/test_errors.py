@@ -128,15 +128,24 @@ def test_damaged_checkpoint_state(artifact, tmp_path):
     state = read_checkpoint_state(good)  # a real checkpoint loads with weights_only
     assert state["step"] == 2 and "prompt_encoder" in state
     bad = tmp_path / "state.pt"
-    for content in (good.read_bytes()[:300], b"garbage", b""):
+    for content in (good.read_bytes()[:300], b""):
         bad.write_bytes(content)
-        with pytest.raises(QPromptError, match=r"cannot be read \(truncated or damaged.*--overwrite"):
+        with pytest.raises(QPromptError, match=r"cannot be read: it is truncated or damaged.*resume from the copy; "
+                                               r"else start the run again with --overwrite") as caught:
             read_checkpoint_state(bad)
+        assert "weights_only" not in str(caught.value)
+    import pickle
+
     import torch
 
     torch.save({"step": 3}, bad)
     with pytest.raises(QPromptError, match="not a qprompt training state"):
         read_checkpoint_state(bad)
+    # A crafted pickle that would run code: refused without torch's advice to turn the safety off.
+    bad.write_bytes(pickle.dumps(print, protocol=2))
+    with pytest.raises(QPromptError, match="never runs code from a checkpoint") as caught:
+        read_checkpoint_state(bad)
+    assert "weights_only" not in str(caught.value) and "\n" not in str(caught.value)
 
 
 # 4 ------------------------------------------------------------------------------------------------
@@ -299,6 +308,37 @@ def test_run_raw_is_for_prompt_text_only(exported, artifact, sentiment_files):
     assert_one_error(run("generate", artifact, "--raw", "--prompt", ""), "--prompt is empty")
     result = run("run", exported, "--raw", "--prompt", "The film", "--max-new-tokens", 2)
     assert result.exit_code == 0, result.output
+
+
+def test_messages_name_the_true_cause(exported, artifact, tiny_model_dir, sentiment_files, tmp_path):
+    assert_one_error(run("run", exported, "--prompt", "x", "--input", sentiment_files["test"]), "not both")
+    assert_one_error(run("serve", tmp_path / "nowhere"), "does not exist", "qprompt export --output")
+    assert_one_error(run("serve", exported, "--host", "10.255.255.254", "--port", 0), "no such address", "--host")
+    # Too many virtual tokens for max_length: truncation is already on, so say what does help.
+    train = ["train", "--recipe", "sentiment", "--model", tiny_model_dir, "--quant", "none", "--data",
+             sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 1,
+             "--output", tmp_path / "long"]
+    message = assert_one_error(run(*train, "--virtual-tokens", 9000), "use fewer virtual tokens",
+                               "raise data.max_length")
+    assert "on_long" not in message
+
+
+def test_a_run_killed_before_its_first_checkpoint_gets_one_consistent_advice(artifact, tiny_model_dir,
+                                                                             sentiment_files, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "killed"
+    shutil.copytree(artifact, run_dir)
+    for name in ("checkpoint", "qprompt.json", "adapter_model.safetensors", "adapter_config.json", "loss.png"):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    train = ["train", "--recipe", "sentiment", "--model", tiny_model_dir, "--quant", "none", "--data",
+             sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 1,
+             "--output", run_dir]
+    assert_one_error(run(*train), "stopped before its first checkpoint", "--overwrite")
+    assert_one_error(run(*train, "--resume"), "stopped before its first checkpoint", "--overwrite")
+    done = run(*train, "--overwrite")
+    assert done.exit_code == 0, done.output
 
 
 def test_a_negative_seed_is_one_usage_error(exported):

@@ -106,6 +106,7 @@ def test_a_mixed_batch_gives_each_row_its_single_task_graph_output(artifacts, si
 def test_adding_a_task_leaves_every_earlier_task_bit_identical(bank, artifacts, singles, tmp_path):
     folder = tmp_path / "grown"
     shutil.copytree(bank, folder)
+    (folder / "README.md").write_text("how we run this bank")  # a file of the user's: it stays, untouched
     before = ExportedModel(folder, providers=["CPUExecutionProvider"])
     old = {name: logits_of(before, [before.prompt_ids(t, task=name) for t in ROWS], [name] * len(ROWS))
            for name in before.tasks}
@@ -124,6 +125,7 @@ def test_adding_a_task_leaves_every_earlier_task_bit_identical(bank, artifacts, 
     assert np.array_equal(got, old["prefix"])
     with pytest.raises(ExportError, match="no task 'pt'"):
         shrunk.prompt_ids(ROWS[0], task="pt")
+    assert (folder / "README.md").read_text() == "how we run this bank"
 
 
 def test_what_a_task_graph_refuses(bank, artifacts, tmp_path):
