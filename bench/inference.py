@@ -1,4 +1,5 @@
-"""Benchmark: inference of a soft prompt, PyTorch + PEFT against the merged ONNX graph.
+"""Benchmark: inference of a soft prompt, PyTorch + PEFT against the merged ONNX graph (the written-out graph,
+as it was measured before the fused one; bench/edge.py measures every graph kind side by side).
 
 Latency (median of --repeats, rows measured in turn) of one request — a real review in the sentiment template — for:
   (a) PEFT + PyTorch `generate` (float32, unquantized base)
@@ -205,10 +206,10 @@ def latency_exports(virtual_tokens, work, reuse=False, graphs=GRAPHS) -> list[in
     # Exports older than genai_config.json are made again.
     needed = [work / "latency" / graph_file(q) for q in graphs] + [work / f / GENAI_CONFIG for f in ("latency", "bare")]
     if not (reuse and all(path.exists() for path in needed)):
-        export(work / "latency-artifact", work / "latency", overwrite=True)
+        export(work / "latency-artifact", work / "latency", overwrite=True, graph="written")
         for q in graphs[1:]:
             quantize_graph(work / "latency" / "model.onnx", work / "latency" / f"model.{q}.onnx", q)
-        export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe)
+        export(None, work / "bare", overwrite=True, base_model=recipe.model, recipe=recipe, graph="written")
     text = read_rows(str(DATA / "test.jsonl"))[0]
     return ExportedModel(work / "latency", "model.onnx", providers=["CPUExecutionProvider"]).prompt_ids(text)
 
@@ -253,10 +254,10 @@ def agreement_part(results, artifact, rows, work):
     from qprompt.metrics import classification_metrics
     from qprompt.runtime import ExportedModel
 
-    export(artifact, work / "trained", overwrite=True)
+    export(artifact, work / "trained", overwrite=True, graph="written")
     for q in ("int8", "int8-dynamic", "int4"):
         quantize_graph(work / "trained" / "model.onnx", work / "trained" / graph_file(q), q)
-    export(artifact, work / "trained-nf4", quantize="nf4", overwrite=True)
+    export(artifact, work / "trained-nf4", quantize="nf4", overwrite=True, graph="written", keep_float=True)
     graphs = {q: (work / "trained", graph_file(q)) for q in GRAPHS if q != "nf4"}
     graphs["nf4 weights in fp32"] = (work / "trained-nf4", "model.onnx")
     graphs["nf4"] = (work / "trained-nf4", "model.nf4.onnx")

@@ -156,8 +156,8 @@ def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, 
     def passes(model, prompts: list[list[int]], tasks: list[str | None]) -> None:
         """Prefill passes over `batch` rows at a time: what scoring one-token labels costs."""
         for start in range(0, len(prompts), batch):
-            ids, mask = model._left_pad(prompts[start : start + batch])
-            model.forward(ids, mask, model.empty_past(len(ids)), model.task_ids(tasks[start : start + batch], len(ids)))
+            chunk = prompts[start : start + batch]
+            model.prompt_logits(chunk, model.task_ids(tasks[start : start + batch], len(chunk)), last=1)
 
     def run_mixed():
         passes(full, [p for _, p in mixed], [n for n, _ in mixed])

@@ -17,7 +17,7 @@ import click
 from .errors import QPromptError
 from .methods import METHODS, method_names, option_choices
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
-from .runtime import QUANTIZATIONS, ExportError
+from .runtime import QUANTIZATIONS
 
 log = logging.getLogger("qprompt")
 
@@ -33,7 +33,7 @@ class _FriendlyErrors:
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (QPromptError, ExportError) as exc:
+        except QPromptError as exc:  # ExportError too: one family
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except ModuleNotFoundError as exc:
