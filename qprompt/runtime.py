@@ -15,7 +15,7 @@ cache each call, with left-padded batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,47 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Continuation:
+    """One prompt being continued: its sampling, the tokens so far and how much of their text was handed out.
+
+    The one decoding rule of qprompt's runtime and of `qprompt serve`: `advance` picks the next token from the
+    logits and says the new text and whether the continuation ended (EOS, a stop string, max_new_tokens)."""
+
+    sampling: Sampling
+    rng: np.random.Generator
+    out: list[int] = field(default_factory=list)
+    text: str = ""  # the output so far, cut before a stop string
+    sent: int = 0  # characters of `text` already handed out
+    reason: str | None = None  # why it ended: "stop" or "length"
+
+    @classmethod
+    def of(cls, sampling: Sampling, index: int = 0) -> Continuation:
+        """The continuation of a call's `index`-th prompt: seeded with seed + index, so each prompt draws its own
+        tokens and a prompt's tokens do not depend on what shares its batch."""
+        return cls(sampling, np.random.default_rng(None if sampling.seed is None else sampling.seed + index))
+
+    def advance(self, model: ExportedModel, logits: np.ndarray) -> str:
+        """Pick and record the next token; returns the text it adds (possibly empty). Sets `reason` once done."""
+        s = self.sampling
+        token = pick_token(logits.astype(np.float64), s, self.rng)
+        if token in model.eos_ids:
+            self.reason = "stop"
+            return ""
+        self.out.append(token)
+        text = model.decode(self.out)
+        cut = min((text.index(x) for x in s.stop if x in text), default=None)
+        if cut is not None:
+            text, self.reason = text[:cut], "stop"
+        elif len(self.out) >= s.max_new_tokens:
+            self.reason = "length"
+        elif text.endswith("\ufffd"):
+            return ""  # half of a multi-byte character: wait for the rest
+        self.text = text
+        new, self.sent = text[self.sent :], len(text)
+        return new
 
 
 def available_providers() -> list[str]:
@@ -239,37 +280,36 @@ class ExportedModel:
     # ------------------------------------------------------------------------------- work
     def generate_ids(self, prompts: list[list[int]], sampling: Sampling | None = None,
                      task: str | None | list[str | None] = None) -> list[list[int]]:
-        """Continue each prompt; the batch is left-padded and decoded together with a KV cache."""
-        s = sampling or Sampling()
-        rng = np.random.default_rng(s.seed)
+        """Continue each prompt, decoded together with a KV cache: greedy, or sampled (prompt i seeded with seed + i,
+        as `qprompt serve` does); a row stops at EOS, a stop string or max_new_tokens."""
+        return [c.out for c in self.continue_batch(prompts, sampling or Sampling(), task)]
+
+    def continue_batch(self, prompts: list[list[int]], sampling: Sampling,
+                       task: str | None | list[str | None] = None) -> list[Continuation]:
+        """The Continuation of each prompt, decoded together; finished rows leave the batch."""
+        continuations = [Continuation.of(sampling, i) for i in range(len(prompts))]
         batch = DecodeBatch(self)
-        logits = batch.join(prompts, self.task_ids(task, len(prompts)), reserve=s.max_new_tokens)
-        out: list[list[int]] = [[] for _ in prompts]
+        logits = batch.join(prompts, self.task_ids(task, len(prompts)), reserve=sampling.max_new_tokens)
         rows = list(range(len(prompts)))  # which prompt each row of the batch continues
-        for step in range(s.max_new_tokens):
-            nxt = np.array([pick_token(row, s, rng) for row in logits.astype(np.float64)])
-            going = []
-            for r, tok in enumerate(nxt):
-                i = rows[r]
-                if tok in self.eos_ids:
-                    continue
-                out[i].append(int(tok))
-                if not (s.stop and any(stop in self.decode(out[i]) for stop in s.stop)):
+        while rows:
+            tokens, going = [], []
+            for r, i in enumerate(rows):
+                continuations[i].advance(self, logits[r])
+                if continuations[i].reason is None:
+                    tokens.append(continuations[i].out[-1])
                     going.append(r)
-            if not going or step == s.max_new_tokens - 1:
+            if not going:
                 break
             if len(going) < len(rows):  # finished rows leave the batch: no more work spent on them
                 batch.keep(going)
-                rows, nxt = [rows[r] for r in going], nxt[going]
-            logits = batch.step(nxt)
-        return out
+                rows = [rows[r] for r in going]
+            logits = batch.step(np.array(tokens))
+        return continuations
 
     def generate(self, inputs: list[dict | str], sampling: Sampling | None = None, raw: bool = False,
                  task: str | None = None) -> list[str]:
         prompts = [self.encode(x) if raw else self.prompt_ids(x, task=task) for x in inputs]
-        texts = [self.decode(o) for o in self.generate_ids(prompts, sampling, task)]
-        stops = sampling.stop if sampling else ()
-        return [_cut_at_stop(t, stops) for t in texts]
+        return [c.text.strip() for c in self.continue_batch(prompts, sampling or Sampling(), task)]
 
     def label_scores(self, prompts: list[list[int]], batch_size: int = 16,
                      task: str | None | list[str | None] = None) -> np.ndarray:
@@ -433,10 +473,3 @@ def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
     return int(rng.choice(len(probs), p=probs))
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    for stop in stops:
-        if stop in text:
-            text = text[: text.index(stop)]
-    return text.strip()

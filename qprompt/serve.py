@@ -21,12 +21,12 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .runtime import DecodeBatch, ExportedModel, ExportError, Sampling, log_softmax, pick_token
+from .runtime import Continuation, DecodeBatch, ExportedModel, ExportError, Sampling, log_softmax
 
 MAX_BODY_BYTES = 1 << 20  # a request body beyond 1 MiB is refused before it is parsed
 # OpenAI completion fields this server does not implement, and the values that mean "off".
@@ -63,9 +63,7 @@ class Job:
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    rng: np.random.Generator = None
-    out: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the decoded output already sent
+    continuation: Continuation = None  # the decoding state (runtime.Continuation)
     cancelled: bool = False
 
     def emit(self, event: tuple) -> None:
@@ -196,17 +194,22 @@ class Engine:
                 job.emit(("labels", dict(zip(self.model.label_ids(task), (float(x) for x in p)))))
 
     def _advance(self, batch: DecodeBatch, rows: list[Job], logits: np.ndarray) -> tuple[np.ndarray | None, list]:
-        """Pick each row's next token from `logits`, send it, drop finished rows, run one decode step."""
+        """Pick each row's next token from `logits` (runtime.Continuation: the runtime's own rule), send the new text,
+        drop finished rows, run one decode step."""
         tokens, going = [], []
         for r, job in enumerate(rows):
             if job.cancelled:
                 continue
-            tok = pick_token(logits[r].astype(np.float64), job.sampling, job.rng)
-            reason = self._emit_token(job, tok)
-            if reason:
-                job.emit(("done", reason, len(job.out)))
+            c = job.continuation
+            added_before = len(c.out)
+            new = c.advance(self.model, logits[r])
+            self.metrics.generated_tokens += len(c.out) - added_before
+            if new:
+                job.emit(("text", new))
+            if c.reason:
+                job.emit(("done", c.reason, len(c.out)))
                 continue
-            tokens.append(tok)
+            tokens.append(c.out[-1])
             going.append(r)
         if len(going) < len(rows):
             batch.keep(going)
@@ -215,26 +218,6 @@ class Engine:
             return None, []
         self.metrics.count_pass(len(rows))
         return batch.step(np.array(tokens)), rows
-
-    def _emit_token(self, job: Job, tok: int) -> str | None:
-        """Record `tok` for `job` and send the new text; the finish reason once it is done, else None."""
-        s = job.sampling
-        if tok in self.model.eos_ids:
-            return "stop"
-        job.out.append(tok)
-        self.metrics.generated_tokens += 1
-        text = self.model.decode(job.out)
-        cut = min((text.index(x) for x in s.stop if x in text), default=None)
-        if cut is not None:
-            text = text[:cut]
-        elif text.endswith("\ufffd") and len(job.out) < s.max_new_tokens:
-            return None  # half of a multi-byte character: wait for the rest
-        if len(text) > job.sent:
-            job.emit(("text", text[job.sent :]))
-            job.sent = len(text)
-        if cut is not None:
-            return "stop"
-        return "length" if len(job.out) >= s.max_new_tokens else None
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -324,9 +307,8 @@ class Server:
     def jobs(self, kind: str, prompts: list[list[int]], sampling: Sampling, task: str) -> list[Job]:
         loop = asyncio.get_running_loop()
         jobs = []
-        for i, ids in enumerate(prompts):
-            seed = None if sampling.seed is None else sampling.seed + i  # distinct draws for each prompt
-            jobs.append(Job(kind, ids, task, sampling, loop, asyncio.Queue(), np.random.default_rng(seed)))
+        for i, ids in enumerate(prompts):  # prompt i draws with seed + i, as ExportedModel.generate does
+            jobs.append(Job(kind, ids, task, sampling, loop, asyncio.Queue(), Continuation.of(sampling, i)))
         self.engine.submit(jobs)
         return jobs
 
@@ -352,7 +334,7 @@ class Server:
         for i, (text, reason) in enumerate(texts):
             choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
             reasons.append(reason)
-        used = sum(len(j.out) for j in jobs)
+        used = sum(len(j.continuation.out) for j in jobs)
         prompt_tokens = sum(len(p) for p in prompts)
         return {**head, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,

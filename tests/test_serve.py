@@ -236,14 +236,15 @@ def test_start_up_errors_are_one_line(sentiment_export, tmp_path):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
+    port = taken.getsockname()[1]
     try:
-        result = run("serve", sentiment_export, "--port", taken.getsockname()[1])
+        result = run("serve", sentiment_export, "--port", port)
     finally:
         taken.close()
-    assert result.exit_code == 2 and result.output.startswith("error: cannot listen on 127.0.0.1:")
+    assert result.exit_code == 2 and result.output.startswith(f"error: port {port} on 127.0.0.1 is in use")
     assert "pass another --port" in result.output and "Traceback" not in result.output
     result = run("serve", tmp_path / "nowhere", "--port", 0)
-    assert result.exit_code == 2 and "error:" in result.output and "not a qprompt export" in result.output
+    assert result.exit_code == 2 and "error:" in result.output and "does not exist" in result.output
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in sentiment_export.iterdir():
