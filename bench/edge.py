@@ -285,7 +285,7 @@ def measure_accuracy(folders: dict[str, Path], artifacts: dict[str, dict[str, Pa
                 continue
             kind = name.removeprefix(task + "-")
             start = time.perf_counter()
-            predictions = ExportedModel(folder, providers=["CPUExecutionProvider"]).classify(rows)
+            predictions = ExportedModel(folder, providers=["CPUExecutionProvider"]).classify(rows, truncate=True)
             metrics = _metrics(classification_metrics(predictions, gold, sorted(set(gold))))
             reference = torch_labels.get(KINDS[kind][0]) if kind in KINDS else None
             agreement = (sum(a == b for a, b in zip(predictions, reference)) / len(rows)) if reference else None
@@ -380,7 +380,7 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int) -> dic
             for extra in ("tokenizer.json", "tokenizer_config.json", "qprompt-export.json"):
                 shutil.copy(nf4_export / extra, folder / extra)
             shutil.rmtree(build)
-        predictions = ExportedModel(folder, providers=["CPUExecutionProvider"]).classify(rows)
+        predictions = ExportedModel(folder, providers=["CPUExecutionProvider"]).classify(rows, truncate=True)
         out[name] = {**_metrics(classification_metrics(predictions, gold, sorted(set(gold)))),
                      "file_mb": folder_mb(folder), "rows": len(rows)}
         print(name, out[name], flush=True)

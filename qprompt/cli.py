@@ -430,10 +430,11 @@ def _eval_export(folder, data, limit, batch_size, json_out, task=None):
     refs = [str(r[t.label_field]) for r in rows]
     start = time.perf_counter()
     if t.kind == "classification":
-        preds = model.classify(rows, batch_size=batch_size, task=t.name)
+        # Over-long rows cut as the recipe's own evaluation cuts them: the same metric as `qprompt eval ARTIFACT`.
+        preds = model.classify(rows, batch_size=batch_size, task=t.name, truncate=True)
         metrics = classification_metrics(preds, refs, list(t.label_targets))
     else:
-        preds = model.generate(rows, Sampling(max_new_tokens=64), task=t.name)
+        preds = model.generate(rows, Sampling(max_new_tokens=64), task=t.name, truncate=True)
         metrics = {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     what = f"export {folder}{' task ' + t.name if len(m.tasks) > 1 else ''} ({m.quantization})"

@@ -319,7 +319,10 @@ class Encoder:
     def encode(self, row: dict, hard_prompt: bool = False) -> Example:
         label = str(row[self.recipe.data.label_field])
         target_ids = self.label_ids[label] if self.label_ids else self._target_ids(label) + self._eos()
-        return Example(self.prompt_ids(row, hard_prompt, reserve=len(target_ids)), target_ids, label)
+        # Classification leaves room for the longest label whatever the row's own: how a prompt is cut must not
+        # depend on its answer (the export's runtime, which has no answer, cuts it the same way).
+        reserve = max(len(t) for t in self.label_ids.values()) if self.label_ids else len(target_ids)
+        return Example(self.prompt_ids(row, hard_prompt, reserve=reserve), target_ids, label)
 
     def _eos(self) -> list[int]:
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []

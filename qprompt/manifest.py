@@ -48,6 +48,9 @@ class TaskEntry:
     virtual_tokens: int  # the prompt's length in the table (a multi-task table pads shorter ones, masked)
     source: dict = field(default_factory=dict)  # artifact folder name, method, base name and fingerprint
     parity: dict | None = None  # the export's check against PyTorch for this task
+    # The recipe's rule for an over-long prompt (data.on_long: truncate): {"max_length": tokens of virtual tokens +
+    # prompt + target, "tail_tokens": the prompt's closing tokens always kept}; None: over-long inputs are refused.
+    truncation: dict | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "template": self.template.to_dict()}

@@ -187,9 +187,13 @@ class ExportedModel:
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
-    def prompt_ids(self, row: dict | str, hard_prompt: bool = False, task: str | None = None) -> list[int]:
-        """The task's template applied to a row (or to a string, for one-field templates)."""
-        template = self.task(task).template
+    def prompt_ids(self, row: dict | str, hard_prompt: bool = False, task: str | None = None,
+                   truncate: bool = False) -> list[int]:
+        """The task's template applied to a row (or to a string, for one-field templates). With `truncate`, an
+        over-long prompt is cut as the recipe cut it in training and evaluation (its head, then its closing tokens),
+        where the recipe says data.on_long: truncate."""
+        entry = self.task(task)
+        template = entry.template
         if isinstance(row, str):
             if len(template.fields) != 1:
                 raise ExportError(f"this template needs fields {template.fields}: pass rows, not plain text")
@@ -197,7 +201,14 @@ class ExportedModel:
         missing = template.missing(row)
         if missing:
             raise ExportError(f"input row lacks field {missing[0]!r}; the template needs {', '.join(template.fields)}")
-        return self.encode(template.text(row, hard_prompt), special=template.add_special_tokens)
+        ids = self.encode(template.text(row, hard_prompt), special=template.add_special_tokens)
+        rule = entry.truncation if truncate else None
+        if rule:
+            reserve = max((len(t) for t in self.label_ids(entry.name).values()), default=0)
+            budget = rule["max_length"] - entry.virtual_tokens - reserve
+            if len(ids) > budget > rule["tail_tokens"]:
+                ids = ids[: budget - rule["tail_tokens"]] + ids[-rule["tail_tokens"] :]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -307,8 +318,8 @@ class ExportedModel:
         return continuations
 
     def generate(self, inputs: list[dict | str], sampling: Sampling | None = None, raw: bool = False,
-                 task: str | None = None) -> list[str]:
-        prompts = [self.encode(x) if raw else self.prompt_ids(x, task=task) for x in inputs]
+                 task: str | None = None, truncate: bool = False) -> list[str]:
+        prompts = [self.encode(x) if raw else self.prompt_ids(x, task=task, truncate=truncate) for x in inputs]
         return [c.text.strip() for c in self.continue_batch(prompts, sampling or Sampling(), task)]
 
     def label_scores(self, prompts: list[list[int]], batch_size: int = 16,
@@ -341,12 +352,13 @@ class ExportedModel:
         return scores
 
     def classify(self, inputs: list[dict | str], hard_prompt: bool = False, batch_size: int = 16,
-                 task: str | None = None) -> list[str]:
+                 task: str | None = None, truncate: bool = False) -> list[str]:
+        """Each input's most likely label; `truncate`: over-long inputs cut as the recipe cut them (prompt_ids)."""
         labels = list(self.label_ids(task))
         if not labels:
             raise ExportError("this export comes from a generation recipe: use generate, not classify")
         # Similar lengths together: less padding per batch.
-        prompts = [self.prompt_ids(x, hard_prompt, task) for x in inputs]
+        prompts = [self.prompt_ids(x, hard_prompt, task, truncate) for x in inputs]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         scores = self.label_scores([prompts[i] for i in order], batch_size, task)
         result = [""] * len(prompts)

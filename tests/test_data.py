@@ -79,7 +79,8 @@ def test_truncation_keeps_the_prompt_tail_or_refuses(tiny_model_dir, caplog):
     long_row = {"text": "a very long review " * 30, "label": "positive"}
     encoder = Encoder(recipe, tok, virtual_tokens=4)
     [ex] = encoder.encode_all([long_row], "f.jsonl")
-    assert len(ex.prompt_ids) + len(ex.target_ids) + 4 == 24
+    longest = max(len(t) for t in encoder.label_ids.values())  # room for any label, not only this row's
+    assert len(ex.prompt_ids) + longest + 4 == 24 and longest > len(ex.target_ids)
     tail = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
     assert ex.prompt_ids[-len(tail):] == tail  # the instruction to answer survives
     assert "truncated 1 over-long" in caplog.text

@@ -121,6 +121,22 @@ def test_runtime_matches_pytorch_generation_and_classification(artifact, exporte
     assert got == expected[: len(got)] and len(got) > 0
 
 
+def test_over_long_rows_are_cut_as_the_recipe_cuts_them(artifact, exported):
+    """The recipe truncates over-long prompts (data.on_long: truncate, keeping the prompt's closing tokens): an
+    export scored with truncate=True (what `qprompt eval EXPORT` does) sees the very tokens, and labels, that the
+    PyTorch evaluation sees; without it, such a row is refused."""
+    model, tok, recipe, _ = load_artifact(artifact, quant="none")
+    runtime = ExportedModel(exported)
+    rows = [{"text": r["text"] * 40, "label": r["label"]} for r in data_rows("rotten_tomatoes", "test", 6)]
+    encoder = Encoder(recipe, tok, 6)
+    examples = encoder.encode_all(rows, "test")
+    assert encoder.truncated == len(rows)
+    assert [runtime.prompt_ids(r, truncate=True) for r in rows] == [e.prompt_ids for e in examples]
+    assert runtime.classify(rows, truncate=True) == classify(model, encoder, examples)
+    with pytest.raises(ExportError, match="this export takes at most"):
+        runtime.classify(rows)
+
+
 def test_padded_batches_equal_single_runs(exported):
     """Right-padded (fused) or left-padded (written-out), a row gives what it gives alone."""
     runtime = ExportedModel(exported)

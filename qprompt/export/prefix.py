@@ -54,10 +54,16 @@ class TaskSource:
         labels = ({lab: template.target_text(word) for lab, word in recipe.labels.items()}
                   if recipe and recipe.task == "classification" else {})
         a = self.artifact
+        truncation = None
+        if recipe and recipe.data.on_long == "truncate":
+            from ..data import Encoder
+
+            encoder = Encoder(recipe, self.tokenizer, a["virtual_tokens"])
+            truncation = {"max_length": encoder.max_length, "tail_tokens": encoder.tail_tokens}
         return TaskEntry(self.name, recipe.task if recipe else "generation", template,
                          recipe.data.label_field if recipe else "label", labels, a["virtual_tokens"],
                          {"artifact": a.get("folder"), "base": portable_base(a["base"]), "method": a["method"],
-                          "virtual_tokens": a["virtual_tokens"]})
+                          "virtual_tokens": a["virtual_tokens"]}, truncation=truncation)
 
 
 def load_task(artifact: str | Path | None, weights: str, name: str | None = None, base_model: str | None = None,
