@@ -50,6 +50,18 @@ def test_smollm2_alias_converts_once_and_scores(tmp_path):
     rows = [{"text": "A joyous, moving and beautifully acted film.", "label": "positive"},
             {"text": "Tedious, ugly and far too long.", "label": "negative"}]
     metrics = evaluate(model, tokenizer, load_recipe("sentiment"), rows, hard_prompt=True)
-    assert metrics["rows"] == 2 and set(metrics["predictions"]) <= {"positive", "negative"}
+    assert metrics["rows"] == 2
+    # A pretrained model leans further to "positive" for the glowing review than for the scathing one, whatever its
+    # prior between the two words (random weights would not order them).
+    from qprompt.data import Encoder, collate
+    from qprompt.forward import next_token_logprobs
+
+    encoder = Encoder(load_recipe("sentiment"), tokenizer, 0)
+    examples = encoder.encode_all(rows, "test", hard_prompt=True)
+    batch = collate(examples, tokenizer.pad_token_id, with_target=False)
+    logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    pos, neg = encoder.label_ids["positive"][0], encoder.label_ids["negative"][0]
+    lean = (logp[:, pos] - logp[:, neg]).tolist()
+    assert lean[0] > lean[1] + 1.0, lean
     _, _, again = load_model("smollm2-135m", "none")  # second load reuses the converted folder
     assert again.fingerprint == info.fingerprint
