@@ -220,7 +220,7 @@ def test_genai_tokenizer_gives_qprompt_ids_with_bos(int8_export):
         ids = runtime.prompt_ids(text)
         assert ids[0] == tokenizer.bos_token_id == 1
         assert [int(t) for t in tokenizer.encode(template.format(text=text))] == ids
-    plain = og.Tokenizer(og.Model(str(int8_export)))  # what the README warns about: no BOS unless asked
+    plain = og.Tokenizer(og.Model(str(int8_export)))  # what docs/export.md warns about: no BOS unless asked
     assert [int(t) for t in plain.encode(template.format(text=TEXTS[0]))] == runtime.prompt_ids(TEXTS[0])[1:]
 
 
