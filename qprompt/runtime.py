@@ -161,6 +161,7 @@ class ExportedModel:
                               "); export again")
         self.tokenizer = read_tokenizer(self.folder / "tokenizer.json", "export again")
         self.fused = m.graph == "fused"
+        self._shared: dict[str, tuple[np.ndarray, object]] = {}  # each bound cache buffer and its OrtValue
         past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
         self.cache_dtype = np.float16 if "float16" in past_type else np.float32
         self.pad_id = m.pad_token_id
@@ -252,9 +253,11 @@ class ExportedModel:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output("logits")
         for name, buffer in past.items():
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the array's memory
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), value)
+            cached = self._shared.get(name)
+            if cached is None or cached[0] is not buffer:  # a new buffer (joined, grown, kept rows): wrap it once
+                cached = self._shared[name] = (buffer, ort.OrtValue.ortvalue_from_numpy(buffer))  # shares its memory
+            binding.bind_ortvalue_input(name, cached[1])
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), cached[1])
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
