@@ -32,17 +32,18 @@ def main(quant, max_steps, lr, output, json_out):
 
     from qprompt.cli import quiet_libraries
     from qprompt.config import load_recipe_file, override
-    from qprompt.pipeline import report_lines, train_and_compare
+    from qprompt.pipeline import JobOptions, report_lines, train_and_compare
 
     quiet_libraries()
     recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), quant=quant, train__max_steps=max_steps,
                       train__lr=lr)
     start = time.perf_counter()
-    result = train_and_compare(recipe, output, str(DATA / "train.jsonl"), str(DATA / "validation.jsonl"),
-                               str(DATA / "test.jsonl"), overwrite=True)
+    job = JobOptions(output=output, data=str(DATA / "train.jsonl"), eval_data=str(DATA / "validation.jsonl"),
+                     test_data=str(DATA / "test.jsonl"), overwrite=True)
+    result = train_and_compare(recipe, job)
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     for part in ("baseline", "soft_prompt"):
-        result[part].pop("predictions")
+        result[part].pop("predictions", None)
     result.update(quant=quant, recipe=recipe.to_dict(), total_seconds=round(time.perf_counter() - start, 1),
                   peak_rss_gb=round(peak_rss_gb, 2), command=" ".join(sys.argv), machine=describe())
     click.echo("\n".join(report_lines(result)))

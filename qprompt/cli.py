@@ -129,6 +129,10 @@ def model_options(fn):
     return fn
 
 
+# Any recipe key from the command line, after the options: `qprompt job sentiment train.patience=5 method.init=labels`.
+settings_argument = click.argument("settings", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
+
+
 # The main job's options (`qprompt job` and every recipe script): the recipe's YAML gives the defaults.
 def job_options(default_output: str):
     def apply(fn):
@@ -155,6 +159,7 @@ def job_options(default_output: str):
             click.option("--overwrite", is_flag=True, help="Train again even if --output holds a trained prompt."),
             click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
                          help="Write the results."),
+            settings_argument,
         ]
         for option in reversed(options):
             fn = option(fn)
@@ -164,9 +169,10 @@ def job_options(default_output: str):
 
 
 def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
-         virtual_tokens, init_from, lr, output, resume, overwrite, json_out):
-    """The recipe with the options' overrides, and the job's options; both checked before any work."""
-    from .config import override
+         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, settings):
+    """The recipe with the options' overrides and the settings (SECTION.KEY=VALUE, applied last), and the job's
+    options; both checked before any work."""
+    from .config import apply_settings, override
     from .methods import learning_rate_for
     from .pipeline import JobOptions
 
@@ -176,6 +182,7 @@ def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, t
     recipe = override(recipe, model=model, quant=quant, method__name=method, train__max_steps=max_steps,
                       method__virtual_tokens=virtual_tokens, method__init_from=init_from,
                       train__lr=learning_rate_for(method, recipe, lr))
+    recipe = apply_settings(recipe, settings)
     return recipe, JobOptions(output, data, eval_data, test_data, test_limit, resume, overwrite, compute_dtype,
                               device, json_out)
 
@@ -205,7 +212,9 @@ def recipe_script(config_path: Path):
 @job_options("runs/job")
 def job(recipe_name, **options):
     """The main job: train RECIPE's soft prompt (a name from `qprompt recipes` or a YAML file), then compare it with
-    the hand-written prompt on the same test rows. `python recipes/NAME.py` runs the same steps."""
+    the hand-written prompt on the same test rows. `python recipes/NAME.py` runs the same steps. Any recipe key can
+    be set after the options as SECTION.KEY=VALUE (the YAML's names, read as YAML; applied last):
+    train.patience=5 method.init=labels."""
     from .config import load_recipe
     from .pipeline import report_lines, train_and_compare
 
@@ -253,12 +262,14 @@ def job(recipe_name, **options):
               help="Artifact folder [default: runs/RECIPE-METHOD-QUANT].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
+@settings_argument
 def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, encoder,
           prefix_projection, virtual_tokens, init, init_from,
           max_steps, batch_size, grad_accum, lr, gradient_checkpointing, lean_memory, eval_every, max_length, on_long,
-          seed, output, resume, overwrite):
-    """Train a soft prompt; the base model stays frozen."""
-    from .config import load_recipe, override
+          seed, output, resume, overwrite, settings):
+    """Train a soft prompt; the base model stays frozen. Any recipe key can be set after the options as
+    SECTION.KEY=VALUE (the YAML's names, read as YAML; applied last): train.patience=5 method.init=labels."""
+    from .config import apply_settings, load_recipe, override
     from .data import check_splits, load_splits
     from .methods import learning_rate_for
     from .models import load_model
@@ -276,6 +287,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
                    train__grad_accum=grad_accum, train__lr=lr, train__eval_every=eval_every, train__seed=seed,
                    train__gradient_checkpointing=gradient_checkpointing, train__lean_memory=lean_memory,
                    data__max_length=max_length, data__on_long=on_long)
+    cfg = apply_settings(cfg, settings)
     output = Path(output or f"runs/{cfg.name}-{cfg.method.name}-{cfg.quant}")
     check_output_folder(output, "--output")
     splits = load_splits(cfg, data, eval_data)

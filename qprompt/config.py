@@ -92,7 +92,7 @@ _LATER_FIELDS = {"method": {"init_from": "", "tasks": 1}}
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(200, "optimizer steps")
+    max_steps: int = _f(200, "the most optimizer steps (patience may stop the run sooner)")
     batch_size: int = _f(16, "examples per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(3e-2, "peak learning rate of AdamW")
@@ -101,6 +101,8 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables it")
     eval_every: int = _f(50, "evaluate on the validation rows every N steps (0: only at the end)")
+    patience: int = _f(3, "stop after this many evaluations in a row without a new best validation metric; the "
+                       "best prompt is kept (0: run all max_steps)")
     eval_rows: int = _f(400, "validation rows used for the periodic evaluation (0: all)")
     log_every: int = _f(5, "write a metrics line every N steps")
     seed: int = _f(0, "seed for initialisation and data order")
@@ -131,7 +133,8 @@ class RecipeConfig:
     def digest(self) -> str:
         """Hash of everything that shapes training; a resumed run must match it."""
         d = self.to_dict()
-        d["train"].pop("max_steps")  # extending a run is allowed
+        for key in ("max_steps", "patience"):  # when a run stops, not how it trains: extending a run is allowed
+            d["train"].pop(key)
         for section, defaults in _LATER_FIELDS.items():
             for key, default in defaults.items():
                 if d[section][key] == default:
@@ -192,7 +195,7 @@ _RANGES = [
     ("train.batch_size", 1, None), ("train.grad_accum", 1, None), ("train.lr", "positive", None),
     ("train.weight_decay", 0, None), ("train.warmup_steps", 0, None), ("train.min_lr_ratio", 0, 1),
     ("train.max_grad_norm", 0, None), ("train.eval_every", 0, None), ("train.eval_rows", 0, None),
-    ("train.log_every", 1, None),
+    ("train.log_every", 1, None), ("train.patience", 0, None),
 ]
 
 
@@ -302,4 +305,42 @@ def override(recipe: RecipeConfig, **changes: Any) -> RecipeConfig:
         section, _, name = key.rpartition("__")
         target = getattr(recipe, section) if section else recipe
         setattr(target, name, value)
+    return recipe.validate()
+
+
+def apply_settings(recipe: RecipeConfig, settings: tuple[str, ...] | list[str]) -> RecipeConfig:
+    """Apply command-line settings written as the recipe YAML's keys, `section.field=value` (or `field=value` for a
+    top-level key), each value read as YAML: `train.patience=5`, `method.init=labels`, `data.on_long=error`."""
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key:
+            raise QPromptError(f"setting {setting!r}: write it as section.field=value (e.g. train.patience=5)")
+        *path, name = key.strip().split(".")
+        target = recipe
+        for depth, part in enumerate(path):  # down the nested sections: train, data, data.source, ...
+            sub = _nested.get((type(target).__name__, part))
+            if sub is None:
+                inner = [k for (owner, k) in _nested if owner == type(target).__name__]
+                raise QPromptError(f"setting {setting!r}: {'.'.join(path[:depth + 1])!r} is not a recipe section; "
+                                   f"the sections{' of ' + '.'.join(path[:depth]) if depth else ''} are "
+                                   f"{', '.join(inner)}")
+            target = getattr(target, part)
+        known = [f.name for f in fields(target) if (type(target).__name__, f.name) not in _nested]
+        if name not in known:
+            where = f" of {'.'.join(path)}" if path else ""
+            raise QPromptError(f"setting {setting!r}: {key.strip()!r} is not a recipe key; known keys{where}: "
+                               f"{', '.join(known)}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text  # not YAML: the text itself (a template with a colon, say)
+        hint = typing.get_type_hints(type(target))[name]
+        if hint is str and not isinstance(value, str):
+            value = text  # `template.answer_prefix=1` means the text "1"
+        elif hint is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-2 (no dot) as text
+            except ValueError:
+                pass
+        setattr(target, name, _checked(value, hint, f"setting {setting!r}"))
     return recipe.validate()

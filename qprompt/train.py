@@ -245,7 +245,7 @@ class Trainer:
         self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
         self.state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0,
                       "seconds": 0.0, "wall_seconds": 0.0, "recipe_digest": self.digest(),
-                      "fingerprint": self.info.fingerprint}
+                      "fingerprint": self.info.fingerprint, "stale_evals": 0, "stopped": ""}
         self.wall_start = time.perf_counter()
         saved = self._read_checkpoint() if resume else None
         method = self.recipe.method
@@ -300,14 +300,17 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
-        self.state.update({k: saved[k] for k in self.state})
+        # A key newer than the checkpoint keeps its starting value.
+        self.state.update({k: saved.get(k, v) for k, v in self.state.items()})
+        self.state["stopped"] = ""  # a stopped run resumed with a higher cap or patience goes on
         self.wall_start -= self.state["wall_seconds"]
         log.info("resuming at step %d of %d", self.state["step"], self.cfg.max_steps)
         drop_lines_after(self.output, self.state["step"])
 
     def train(self) -> None:
-        """Steps up to max_steps, evaluating and checkpointing every eval_every steps and at the end. Ctrl-C
-        checkpoints at the start of the interrupted step and ends in a QPromptError that says how to resume."""
+        """Steps up to max_steps, evaluating and checkpointing every eval_every steps and at the end, and stopping
+        sooner when `patience` evaluations in a row bring no new best. Ctrl-C checkpoints at the start of the
+        interrupted step and ends in a QPromptError that says how to resume."""
         cfg, state = self.cfg, self.state
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not self.progress, desc="train", unit="step")
@@ -325,7 +328,7 @@ class Trainer:
                 value = self.evaluate()
                 bar.write(f"step 0 (the prompt of {self.recipe.method.init_from}): validation {self.metric_name} "
                           f"{value:.4f}")
-            while state["step"] < cfg.max_steps:
+            while not self._stop_reason():
                 resume_at = (state["epoch"], state["position"])  # where an interrupted step restarts
                 self._step(libc)
                 bar.update(1)
@@ -335,8 +338,12 @@ class Trainer:
                     value = self.evaluate()
                     bar.write(f"step {state['step']}: validation {self.metric_name} {value:.4f} "
                               f"(best {state['best']:.4f})")
+                    if self._stop_reason() == "patience":
+                        bar.write(f"step {state['step']}: no new best in {state['stale_evals']} evaluations "
+                                  f"(patience {cfg.patience}); stopping with the prompt of step {state['best_step']}")
                     self._checkpoint()
                     self.window.start = time.perf_counter()  # evaluation time is not training throughput
+            state["stopped"] = self._stop_reason()
         except KeyboardInterrupt:
             state["epoch"], state["position"] = resume_at
             self.optimizer.zero_grad(set_to_none=True)
@@ -348,6 +355,15 @@ class Trainer:
             bar.close()
             scope.close()
         self._close_log()
+
+    def _stop_reason(self) -> str:
+        """Why the run stops now ("max_steps" or "patience"), or "" while it goes on."""
+        state, cfg = self.state, self.cfg
+        if state["step"] >= cfg.max_steps:
+            return "max_steps"
+        if cfg.patience and cfg.eval_every and state["stale_evals"] >= cfg.patience:
+            return "patience"
+        return ""
 
     def _step(self, libc) -> None:
         """One optimizer step: grad_accum micro-batches forward and backward, then clip and update."""
@@ -429,8 +445,10 @@ class Trainer:
         self.model.train()
         self._write_metrics({"step": self.state["step"], "eval": value, **details})
         if self.state["best"] is None or value > self.state["best"]:
-            self.state["best"], self.state["best_step"] = value, self.state["step"]
+            self.state["best"], self.state["best_step"], self.state["stale_evals"] = value, self.state["step"], 0
             save_best(self.model, self.output)
+        else:
+            self.state["stale_evals"] += 1
         return value
 
     def _validate(self) -> tuple[float, dict]:
@@ -454,7 +472,8 @@ class Trainer:
     def save(self) -> dict:
         """Write the artifact's manifest (its prompt is the best one, saved at evaluation) and return it."""
         cfg, state = self.cfg, self.state
-        training = {"steps": state["step"], "best_step": state["best_step"], "seconds": round(state["seconds"], 1),
+        training = {"steps": state["step"], "best_step": state["best_step"], "stopped": state["stopped"],
+                    "seconds": round(state["seconds"], 1),
                     "wall_seconds": round(time.perf_counter() - self.wall_start, 1), "tokens": state["tokens"],
                     "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
                     "trainable_parameters": trainable_parameters(self.model), "train_rows": len(self.examples),

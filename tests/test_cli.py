@@ -225,3 +225,22 @@ def test_the_main_job_as_a_command_and_as_a_recipe_script(tiny_model_dir, sentim
     assert again.exit_code == 0, again.output
     assert [line for line in again.output.splitlines() if line.startswith(("hard prompt", "soft prompt"))] == table
     assert json.loads((tmp_path / "job.json").read_text())["training"] == result["training"]  # reused, not retrained
+
+
+def test_any_recipe_key_is_a_setting_after_the_options(tiny_model_dir, sentiment_files, tmp_path):
+    """SECTION.KEY=VALUE after the options sets the recipe's key (read as YAML, applied after the flags); the
+    trained run's manifest holds it. A key the recipe does not have, or a value of the wrong type, is one line."""
+    out = tmp_path / "set"
+    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
+                 "--eval-data", sentiment_files["validation"], "--output", out, *TRAIN,
+                 "train.patience=1", "train.lr=2e-2", "method.init=labels", "data.max_length=96")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / "qprompt.json").read_text())["recipe"]
+    assert (recipe["train"]["patience"], recipe["train"]["lr"]) == (1, 0.02)  # the setting beat --lr 0.1
+    assert (recipe["method"]["init"], recipe["data"]["max_length"]) == ("labels", 96)
+    base = ["job", "sentiment", "--model", tiny_model_dir, "--output", tmp_path / "bad"]
+    assert_clean_error(run(*base, "train.patiense=2"), "'train.patiense' is not a recipe key; known keys of train:")
+    assert_clean_error(run(*base, "training.lr=1"), "'training' is not a recipe section; the sections are")
+    assert_clean_error(run(*base, "train.max_steps=many"), "must be an integer, got 'many'")
+    assert_clean_error(run(*base, "train.patience"), "write it as section.field=value")
+    assert not (tmp_path / "bad").exists()

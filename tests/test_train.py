@@ -180,3 +180,62 @@ def test_a_prompt_started_from_an_artifact_is_kept_unless_training_beats_it(tiny
     assert read_manifest(out)["training"]["best_step"] == 0
     assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"],
                        load_file(source / "adapter_model.safetensors")["prompt_embeddings"])
+
+
+# A scripted validation series, by step: the best is step 2; steps 3, 4 and 5 bring nothing new.
+SERIES = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.7, 5: 0.65}
+
+
+def _scripted(monkeypatch, prompts: dict):
+    """Trainer._validate returns SERIES[step] (0.1 after step 5) and records the prompt each step had."""
+
+    def validate(self):
+        step = self.state["step"]
+        prompts[step] = self.model.prompt_encoder["default"].embedding.weight.detach().clone()
+        return SERIES.get(step, 0.1), {"metric": self.metric_name, "rows": len(self.val_rows)}
+
+    monkeypatch.setattr(qtrain.Trainer, "_validate", validate)
+
+
+def test_patience_stops_after_evaluations_without_a_new_best_and_keeps_the_best_prompt(
+        tiny_recipe, sentiment_files, tmp_path, monkeypatch):
+    prompts = {}
+    _scripted(monkeypatch, prompts)
+    tiny_recipe.train.max_steps, tiny_recipe.train.eval_every, tiny_recipe.train.patience = 20, 1, 3
+    out = tmp_path / "patient"
+    _run(tiny_recipe, sentiment_files, out, "none")
+    training = read_manifest(out)["training"]
+    assert (training["steps"], training["best_step"], training["stopped"]) == (5, 2, "patience")
+    assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"], prompts[2])
+    assert not torch.equal(prompts[2], prompts[5])  # the prompt kept is not simply the last one
+
+    tiny_recipe.train.patience = 0  # off: the cap decides
+    _run(tiny_recipe, sentiment_files, tmp_path / "capped", "none")
+    training = read_manifest(tmp_path / "capped")["training"]
+    assert (training["steps"], training["best_step"], training["stopped"]) == (20, 2, "max_steps")
+
+
+def test_a_resumed_run_keeps_its_patience_count(tiny_recipe, sentiment_files, tmp_path, monkeypatch):
+    """Interrupted during step 4 (one evaluation without a new best behind it): the resumed run stops at step 5
+    like the uninterrupted one, not three evaluations after the resume."""
+    _scripted(monkeypatch, {})
+    tiny_recipe.train.max_steps, tiny_recipe.train.eval_every, tiny_recipe.train.patience = 20, 1, 3
+    calls, real = {"n": 0}, qtrain.target_logprobs
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    out = tmp_path / "split"
+    with pytest.raises(QPromptError, match="interrupted at step 3"):
+        _run(tiny_recipe, sentiment_files, out, "none")
+    monkeypatch.setattr(qtrain, "target_logprobs", real)
+    _run(tiny_recipe, sentiment_files, out, "none", resume=True)
+    training = read_manifest(out)["training"]
+    assert (training["steps"], training["best_step"], training["stopped"]) == (5, 2, "patience")
+    tiny_recipe.train.patience = 5  # more patience is not another recipe: the stopped run goes on
+    _run(tiny_recipe, sentiment_files, out, "none", resume=True)
+    assert read_manifest(out)["training"]["steps"] == 7
