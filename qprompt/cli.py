@@ -223,6 +223,66 @@ def job(recipe_name, **options):
 
 
 @main.command()
+@click.argument("recipe_name", metavar="RECIPE")
+@click.option("--trials", type=click.IntRange(1), default=20, show_default=True,
+              help="Finished trials the study should hold, earlier runs' included (a resumed tune runs the rest).")
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Tune folder: trials/, best/, trials.csv, tune.png, study.db [default: runs/tune-RECIPE].")
+@click.option("--storage", type=str, default=None,
+              help="The study's database as a SQLAlchemy URL, to share one study between terminals or machines "
+                   "(e.g. postgresql://host/db) [default: sqlite:///OUTPUT/study.db].")
+@click.option("--study-name", type=str, default=None, help="The study's name in the database [default: RECIPE].")
+@click.option("--budget-minutes", type=click.FloatRange(0, min_open=True), default=None,
+              help="Start no trial after this many minutes (the running one finishes).")
+@click.option("--methods", type=str, default=None,
+              help="Comma-separated methods to search [default: every single-task method].")
+@click.option("--model", "model_name", type=str, default=None, help="Base model [default: the recipe's].")
+@model_options
+@click.option("--data", type=str, default=None, help="Training rows [default: the recipe's source].")
+@click.option("--eval-data", type=str, default=None, help="Validation rows the trials are scored on "
+              "[default: held out from the training rows].")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Each trial's step cap [default: the "
+              "recipe's].")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="The sampler's seed.")
+@settings_argument
+def tune(recipe_name, trials, output, storage, study_name, budget_minutes, methods, model_name, quant, compute_dtype,
+         device, data, eval_data, max_steps, seed, settings):
+    """Search RECIPE's soft-prompt settings with Optuna (method, learning rate, virtual tokens, init, the method's
+    options), pruning trials that fall behind; the best trial's artifact is copied to OUTPUT/best. The study lives in
+    a database, so a killed tune resumes and several terminals can share it (`optuna-dashboard` shows it)."""
+    from .config import apply_settings, load_recipe, override
+    from .data import check_splits, load_splits
+    from .models import load_model
+    from .tune import TUNED_METHODS, TuneOptions
+    from .tune import tune as run_tune
+
+    quiet_libraries()
+    recipe = apply_settings(override(load_recipe(recipe_name), model=model_name, quant=quant,
+                                     train__max_steps=max_steps), settings)
+    output = Path(output or f"runs/tune-{recipe.name}")
+    check_output_folder(output, "--output")
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else TUNED_METHODS
+    options = TuneOptions(output, trials, storage, study_name, budget_minutes, chosen, seed=seed,
+                          compute_dtype=compute_dtype, device=device)
+    splits = load_splits(recipe, data, eval_data)
+    check_splits(recipe, splits, data, eval_data)
+    summary = run_tune(recipe, splits, options,
+                       lambda cfg: load_model(cfg.model, cfg.quant, compute_dtype, device))
+    metric = summary["metric"]
+    click.echo(f"{'trial':>5}  {'state':<8} {metric:>8}  {'method':<15} {'lr':>8} {'tokens':>6}  {'init':<7} "
+               f"{'steps':>5}  stopped")
+    for r in summary["trials"]:
+        value = "" if r["value"] is None else f"{r['value']:.4f}"
+        click.echo(f"{r['trial']:>5}  {r['state']:<8} {value:>8}  {r['method'] or '':<15} {r['lr'] or '':>8} "
+                   f"{r['virtual_tokens'] or '':>6}  {r['init']:<7} {r['steps'] or '':>5}  {r['stopped']}")
+    best = summary["best"]
+    if best is None:
+        raise QPromptError(f"no trial of study {summary['study']} finished; see the warnings above")
+    click.echo(f"best: trial {best['trial']}, validation {metric} {best['value']:.4f} ({best['params']}); "
+               f"artifact {best['artifact']}; table {output}/trials.csv, plot {output}/tune.png")
+
+
+@main.command()
 @click.option("--model", "model_name", type=str, default=None,
               help=f"Base model: alias ({', '.join(ALIASES)}), hub id or local folder [default: the recipe's].")
 @click.option("--recipe", type=str, default=None, help="Recipe name (see `qprompt recipes`) [default: sentiment].")

@@ -8,3 +8,7 @@ class QPromptError(Exception):
 class ExportError(QPromptError):
     """A broken or mismatched export folder, or a request it cannot serve. Raised by the torch-free runtime; the
     server answers it with a 4xx."""
+
+
+class Interrupted(QPromptError):
+    """Ctrl-C stopped a run after saving what resumes it; a command running many runs (a tune) stops too."""

@@ -27,7 +27,7 @@ from . import owned
 from .artifact import MANIFEST, manifest, read_checkpoint_state, write_json
 from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
-from .errors import QPromptError
+from .errors import Interrupted, QPromptError
 from .evaluate import evaluate as evaluate_rows
 from .evaluate import main_metric
 from .forward import target_logprobs
@@ -349,7 +349,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._checkpoint()
             self._close_log()
-            raise QPromptError(f"interrupted at step {state['step']}; checkpoint saved in {self.output}/{CHECKPOINT}: "
+            raise Interrupted(f"interrupted at step {state['step']}; checkpoint saved in {self.output}/{CHECKPOINT}: "
                                "continue with --resume") from None
         finally:
             bar.close()
