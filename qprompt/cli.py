@@ -129,6 +129,12 @@ def model_options(fn):
     return fn
 
 
+# Experiment trackers a training run also logs to (qprompt/tracking.py).
+report_option = click.option("--report-to", type=click.Choice(["tensorboard", "mlflow"]), multiple=True,
+                             help="Also log the run to TensorBoard (OUTPUT/tensorboard) or MLflow (OUTPUT/mlflow.db, "
+                                  "or MLFLOW_TRACKING_URI); repeatable. Needs the `track` extra.")
+
+
 # Any recipe key from the command line, after the options: `qprompt job sentiment train.patience=5 method.init=labels`.
 settings_argument = click.argument("settings", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
 
@@ -159,6 +165,7 @@ def job_options(default_output: str):
             click.option("--overwrite", is_flag=True, help="Train again even if --output holds a trained prompt."),
             click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
                          help="Write the results."),
+            report_option,
             settings_argument,
         ]
         for option in reversed(options):
@@ -169,7 +176,7 @@ def job_options(default_output: str):
 
 
 def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
-         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, settings):
+         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, report_to, settings):
     """The recipe with the options' overrides and the settings (SECTION.KEY=VALUE, applied last), and the job's
     options; both checked before any work."""
     from .config import apply_settings, override
@@ -184,7 +191,7 @@ def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, t
                       train__lr=learning_rate_for(method, recipe, lr))
     recipe = apply_settings(recipe, settings)
     return recipe, JobOptions(output, data, eval_data, test_data, test_limit, resume, overwrite, compute_dtype,
-                              device, json_out)
+                              device, json_out, tuple(report_to))
 
 
 def recipe_script(config_path: Path):
@@ -244,9 +251,10 @@ def job(recipe_name, **options):
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Each trial's step cap [default: the "
               "recipe's].")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="The sampler's seed.")
+@report_option
 @settings_argument
 def tune(recipe_name, trials, output, storage, study_name, budget_minutes, methods, model_name, quant, compute_dtype,
-         device, data, eval_data, max_steps, seed, settings):
+         device, data, eval_data, max_steps, seed, report_to, settings):
     """Search RECIPE's soft-prompt settings with Optuna (method, learning rate, virtual tokens, init, the method's
     options), pruning trials that fall behind; the best trial's artifact is copied to OUTPUT/best. The study lives in
     a database, so a killed tune resumes and several terminals can share it (`optuna-dashboard` shows it)."""
@@ -263,7 +271,7 @@ def tune(recipe_name, trials, output, storage, study_name, budget_minutes, metho
     check_output_folder(output, "--output")
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else TUNED_METHODS
     options = TuneOptions(output, trials, storage, study_name, budget_minutes, chosen, seed=seed,
-                          compute_dtype=compute_dtype, device=device)
+                          report_to=tuple(report_to))
     splits = load_splits(recipe, data, eval_data)
     check_splits(recipe, splits, data, eval_data)
     summary = run_tune(recipe, splits, options,
@@ -322,17 +330,19 @@ def tune(recipe_name, trials, output, storage, study_name, budget_minutes, metho
               help="Artifact folder [default: runs/RECIPE-METHOD-QUANT].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --output from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
+@report_option
 @settings_argument
 def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, device, method, encoder,
           prefix_projection, virtual_tokens, init, init_from,
           max_steps, batch_size, grad_accum, lr, gradient_checkpointing, lean_memory, eval_every, max_length, on_long,
-          seed, output, resume, overwrite, settings):
+          seed, output, resume, overwrite, report_to, settings):
     """Train a soft prompt; the base model stays frozen. Any recipe key can be set after the options as
     SECTION.KEY=VALUE (the YAML's names, read as YAML; applied last): train.patience=5 method.init=labels."""
     from .config import apply_settings, load_recipe, override
     from .data import check_splits, load_splits
     from .methods import learning_rate_for
     from .models import load_model
+    from .tracking import Report
     from .train import train as run_training
 
     quiet_libraries()
@@ -355,7 +365,8 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     model, tokenizer, info = load_model(cfg.model, cfg.quant, compute_dtype, device)
     log.info("training %s on %s (%s, %s): %d training rows, %d validation rows", cfg.method.name, cfg.model,
              cfg.quant, info.device, len(splits["train"]), len(splits["validation"]))
-    result = run_training(cfg, model, tokenizer, info, splits, output, resume=resume, overwrite=overwrite)
+    result = run_training(cfg, model, tokenizer, info, splits, output, resume=resume, overwrite=overwrite,
+                          report=Report(tuple(report_to)))
     t, m = result["training"], result["metrics"]
     metric = next(k for k in m if k.startswith("validation_") and k != "validation_rows")
     click.echo(f"saved soft prompt to {output} ({metric.removeprefix('validation_')} {m[metric]:.4f} on "
@@ -386,11 +397,13 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
 @click.option("--seed", type=int, default=None, help="Seed for initialisation and data order.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --output.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --output.")
+@report_option
 def multitask(recipe_names, output, model_name, quant, compute_dtype, device, data, method, virtual_tokens, init,
-              init_text, max_steps, batch_size, lr, eval_every, seed, resume, overwrite):
+              init_text, max_steps, batch_size, lr, eval_every, seed, resume, overwrite, report_to):
     """Train one prompt on several recipes' rows at once; start a new task from it with `train --init-from`."""
     from .config import MethodConfig, load_recipe, override
     from .multitask import train_multitask
+    from .tracking import Report
 
     quiet_libraries()
     check_output_folder(output, "--output")
@@ -406,7 +419,8 @@ def multitask(recipe_names, output, model_name, quant, compute_dtype, device, da
     if init == "text" and not init_text:
         raise QPromptError("--init text needs --init-text (the tasks have no one instruction); or use --init vocab")
     spec = MethodConfig(name=method, virtual_tokens=virtual_tokens, init=init, init_text=init_text)
-    result = train_multitask(recipes, spec, shared, output, files, resume, overwrite, compute_dtype, device)
+    result = train_multitask(recipes, spec, shared, output, files, resume, overwrite, compute_dtype, device,
+                             report=Report(tuple(report_to)))
     tasks = ", ".join(f"{t['name']} {t['metric']} {t['validation']:.4f}" for t in result["multitask"]["tasks"]
                       if t["validation"] is not None)
     click.echo(f"saved multitask prompt to {output} (best at step {result['training']['best_step']}: {tasks}); "

@@ -28,6 +28,7 @@ from .evaluate import evaluate as evaluate_rows
 from .evaluate import main_metric
 from .forward import prompt_task
 from .models import ModelInfo
+from .tracking import Report
 from .train import Trainer, read_metrics
 
 MULTITASK_METHODS = ("prompt-tuning", "multitask-prompt-tuning")
@@ -120,9 +121,10 @@ class MultitaskTrainer(Trainer):
 
 def train_multitask(recipes: list[RecipeConfig], method: MethodConfig, train: TrainConfig, output: str | Path,
                     data: dict[str, str] | None = None, resume: bool = False, overwrite: bool = False,
-                    compute_dtype: str | None = None, device: str | None = None, progress: bool = True) -> dict:
+                    compute_dtype: str | None = None, device: str | None = None, progress: bool = True,
+                    report: Report | None = None) -> dict:
     """Train one prompt on every recipe's rows; `data` maps a recipe's name to its own training file (else its
-    source). Writes the artifact to `output` and returns its manifest."""
+    source). Writes the artifact to `output` and returns its manifest; `report`: experiment trackers."""
     from .data import check_splits, load_splits
     from .models import load_model
 
@@ -138,6 +140,6 @@ def train_multitask(recipes: list[RecipeConfig], method: MethodConfig, train: Tr
         check_splits(r, splits[-1], data.get(r.name))  # bad rows fail now, not after the model load
     model, tokenizer, info = load_model(recipe.model, recipe.quant, compute_dtype, device)
     trainer = MultitaskTrainer(recipes, recipe, tokenizer, info, splits, Path(output), progress)
-    trainer.setup(model, resume, overwrite)
+    trainer.setup(model, resume, overwrite, report)
     trainer.train()
     return trainer.save()

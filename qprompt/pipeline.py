@@ -15,6 +15,7 @@ from .config import RecipeConfig
 from .data import check_recipe_rows, check_splits, load_splits, read_rows
 from .evaluate import evaluate, main_metric
 from .models import load_model
+from .tracking import Report
 from .train import train
 
 log = logging.getLogger("qprompt")
@@ -34,6 +35,7 @@ class JobOptions:
     compute_dtype: str | None = None
     device: str | None = None
     json_out: str | None = None  # also write the results here
+    report_to: tuple[str, ...] = ()  # experiment trackers training logs to (tensorboard, mlflow)
 
 
 @dataclass
@@ -79,7 +81,8 @@ def train_or_reuse(recipe: RecipeConfig, model, tokenizer, info, data: JobData, 
         return
     log.info("training %s: %d rows, %d validation rows", recipe.method.name, len(data.splits["train"]),
              len(data.splits["validation"]))
-    train(recipe, model, tokenizer, info, data.splits, output, resume=job.resume, overwrite=job.overwrite)
+    train(recipe, model, tokenizer, info, data.splits, output, resume=job.resume, overwrite=job.overwrite,
+          report=Report(tuple(job.report_to)))
 
 
 def score_artifact(recipe: RecipeConfig, data: JobData, job: JobOptions) -> dict:

@@ -41,6 +41,8 @@ from .memory import (
 )
 from .methods import add_soft_prompt, copy_prompt, start_prompt, trainable_parameters
 from .models import ModelInfo
+from .tracking import FILES as TRACKER_FILES
+from .tracking import Report, Tracking
 
 log = logging.getLogger("qprompt")
 CHECKPOINT = "checkpoint"
@@ -49,7 +51,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEF
 METRICS = "metrics.jsonl"
 # Every name training may create in --output, temporary ones included; nothing else there is ever touched.
 RUN_NAMES = frozenset({*ADAPTER_FILES, MANIFEST, MANIFEST + ".partial", METRICS, METRICS + ".partial", "loss.png",
-                       ".best.partial", *CHECKPOINTS})
+                       ".best.partial", *CHECKPOINTS, *(n for names in TRACKER_FILES.values() for n in names)})
 
 
 def lr_lambda(cfg) -> callable:
@@ -207,10 +209,10 @@ def plot_loss(output: Path) -> None:
 
 
 def train(recipe: RecipeConfig, model, tokenizer, info: ModelInfo, splits: dict[str, list[dict]], output: str | Path,
-          resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+          resume: bool = False, overwrite: bool = False, progress: bool = True, report: Report | None = None) -> dict:
     """Train the recipe's soft prompt on `model`; writes the artifact to `output`, returns its manifest."""
     trainer = Trainer(recipe, tokenizer, info, splits, Path(output), progress)
-    trainer.setup(model, resume, overwrite)
+    trainer.setup(model, resume, overwrite, report)
     trainer.train()
     return trainer.save()
 
@@ -237,15 +239,16 @@ class Trainer:
         self.splits, self.output, self.progress = splits, output, progress
         self.metric_name = main_metric(recipe)
 
-    def setup(self, model, resume: bool = False, overwrite: bool = False) -> None:
+    def setup(self, model, resume: bool = False, overwrite: bool = False, report: Report | None = None) -> None:
         """Check the output folder and the data, then put the prompt on `model` and build its optimizer, both
-        restored from the last checkpoint when resuming; the output folder is touched only after every check."""
+        restored from the last checkpoint when resuming; the output folder is touched only after every check.
+        `report`: the experiment trackers the run also logs to."""
         check_output(self.output, resume, overwrite)
         self._encode_data()
         self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
         self.state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0,
                       "seconds": 0.0, "wall_seconds": 0.0, "recipe_digest": self.digest(),
-                      "fingerprint": self.info.fingerprint, "stale_evals": 0, "stopped": ""}
+                      "fingerprint": self.info.fingerprint, "stale_evals": 0, "stopped": "", "tracking": {}}
         self.wall_start = time.perf_counter()
         saved = self._read_checkpoint() if resume else None
         method = self.recipe.method
@@ -257,6 +260,11 @@ class Trainer:
         self._build_optimizer(saved)
         owned.claim(self.output, METRICS)
         self.metrics_file = open(self.output / METRICS, "a")
+        report = report or Report()
+        owned.claim(self.output, *(name for tracker in report.to for name in TRACKER_FILES.get(tracker, ())))
+        self.tracking = Tracking(report, self.output, self.output.name, self.recipe.to_dict(),
+                                 self.state["step"] if saved is not None else None, self.state["tracking"])
+        self.state["tracking"] = self.tracking.state()  # a resumed run goes on in the same MLflow run
 
     def _encode_data(self) -> None:
         encoder = Encoder(self.recipe, self.tokenizer, self.recipe.method.virtual_tokens)
@@ -437,6 +445,7 @@ class Trainer:
     def _write_metrics(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        self.tracking.log_record(record)
 
     def evaluate(self) -> float:
         """The validation metric of the prompt now; a new best replaces the artifact's prompt."""
@@ -484,4 +493,5 @@ class Trainer:
         data = {**manifest(self.info, self.recipe, metrics, training, samples), **self._manifest_extra()}
         owned.claim(self.output, MANIFEST, MANIFEST + ".partial")
         write_json(self.output / MANIFEST, data)
+        self.tracking.finish(self.output)
         return data

@@ -32,10 +32,13 @@ from pathlib import Path
 
 import optuna
 
+from . import owned
 from .config import RecipeConfig
 from .errors import Interrupted, QPromptError
 from .evaluate import main_metric
 from .methods import METHODS, get_method
+from .tracking import FILES as TRACKER_FILES
+from .tracking import Report
 from .train import Trainer
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,7 @@ class TuneOptions:
     methods: tuple[str, ...] = TUNED_METHODS
     startup_trials: int = 3  # trials that run to the end before the pruner compares against them
     seed: int = 0  # the sampler's seed
-    compute_dtype: str | None = None
-    device: str | None = None
+    report_to: tuple[str, ...] = ()  # trackers: TensorBoard in each trial's folder, MLflow runs in OUTPUT/mlflow.db
 
 
 def storage_url(options: TuneOptions) -> str:
@@ -147,6 +149,8 @@ def tune(recipe: RecipeConfig, splits: dict[str, list[dict]], options: TuneOptio
     before the sampler's own (default: the recipe as written, if the study is new)."""
     check_output(options.output)
     options.output.mkdir(parents=True, exist_ok=True)
+    owned.refuse_links(options.output, {STUDY_FILE, "trials", "best", "trials.csv", "tune.png",
+                                        *TRACKER_FILES["mlflow"]})
     study = open_study(recipe, options)
     unknown = [m for m in options.methods if m not in METHODS]
     if unknown:
@@ -167,10 +171,11 @@ def tune(recipe: RecipeConfig, splits: dict[str, list[dict]], options: TuneOptio
         try:
             model, tokenizer, info = load_model(trial_cfg)
             trainer = TrialTrainer(trial, trial_cfg, tokenizer, info, splits, folder, progress=False)
-            trainer.setup(model)
+            trainer.setup(model, report=Report(options.report_to, options.output, study.study_name))
             trainer.train()
         except optuna.TrialPruned:
             trainer._close_log()
+            trainer.tracking.finish(folder)
             trial.set_user_attr("steps", trainer.state["step"])
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
             raise

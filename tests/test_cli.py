@@ -193,13 +193,14 @@ def test_constraints_pin_every_dependency_inside_its_declared_range():
             name, _, version = line.partition("==")
             pins[canonicalize_name(name)] = version.strip()
     declared = [Requirement(r) for r in requires("qprompt")]  # the installed metadata: pyproject.toml as built
-    # The tests' install (`.[dev]`) takes the train and genai extras too (dev names them).
+    # The tests' install (`.[dev]`) takes the train, genai and track extras too (dev names them).
     declared = [r for r in declared if r.name != "qprompt" and (
-        r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("train", "genai", "dev")))]
+        r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("train", "genai", "track", "dev")))]
     names = {canonicalize_name(r.name) for r in declared}
-    assert {"torch", "onnx", "onnxscript", "onnxruntime-genai", "starlette", "pytest"} <= names
+    assert {"torch", "onnx", "onnxscript", "onnxruntime-genai", "starlette", "pytest", "optuna", "tensorboard",
+            "mlflow-skinny"} <= names
     dev = next(r for r in requires("qprompt") if r.startswith("qprompt["))
-    assert "train" in dev and "genai" in dev and "dev" in dev  # `.[dev]` installs everything the tests run
+    assert all(extra in dev for extra in ("train", "genai", "track", "dev"))  # `.[dev]`: all the tests run
     for spec in declared:
         version = pins.get(canonicalize_name(spec.name))
         assert version is not None, f"{spec.name} is declared but not pinned in constraints.txt"

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import mlflow
 import optuna
 import pytest
 from click.testing import CliRunner
@@ -28,7 +29,7 @@ def test_a_tune_writes_a_study_that_a_second_tune_resumes(tiny_model_dir, sentim
     out = tmp_path / "tune"
     base = ["tune", "sentiment", "--model", str(tiny_model_dir), "--quant", "none", "--data",
             str(sentiment_files["train"]), "--eval-data", str(sentiment_files["validation"]), "--output", str(out)]
-    first = CliRunner().invoke(main, [*base, "--trials", "3", *SMALL])
+    first = CliRunner().invoke(main, [*base, "--trials", "3", "--report-to", "mlflow", *SMALL])
     assert first.exit_code == 0, first.output
     table = rows(out / "trials.csv")
     assert [r["trial"] for r in table] == ["0", "1", "2"]
@@ -46,6 +47,10 @@ def test_a_tune_writes_a_study_that_a_second_tune_resumes(tiny_model_dir, sentim
     model, _, _ = load_model(str(tiny_model_dir), "none")
     peft = PeftModel.from_pretrained(model, out / "best")
     assert peft.peft_config["default"].peft_type.value.lower().replace("_", "-") == best.params["method"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")  # the trials are runs of one experiment
+    runs = client.search_runs([client.get_experiment_by_name("sentiment").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["0000", "0001", "0002"]
 
     again = CliRunner().invoke(main, [*base, "--trials", "5", *SMALL])
     assert again.exit_code == 0, again.output
