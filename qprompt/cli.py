@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from .baselines import DEFAULT_BASELINES
 from .errors import QPromptError
 from .methods import METHODS, method_names, option_choices
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
@@ -165,6 +166,10 @@ def job_options(default_output: str):
             click.option("--overwrite", is_flag=True, help="Train again even if --output holds a trained prompt."),
             click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
                          help="Write the results."),
+            click.option("--baselines", type=str, default=",".join(DEFAULT_BASELINES), show_default=True,
+                         help="What the soft prompt is compared with, comma-separated: hard (the hand-written "
+                              "prompt), kshot (with 4 demonstrations), lora (LoRA on the same quantized base) and "
+                              "full (full fine-tuning, unquantized); the last two each cost a training run."),
             report_option,
             settings_argument,
         ]
@@ -176,9 +181,10 @@ def job_options(default_output: str):
 
 
 def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
-         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, report_to, settings):
+         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, baselines, report_to, settings):
     """The recipe with the options' overrides and the settings (SECTION.KEY=VALUE, applied last), and the job's
     options; both checked before any work."""
+    from .baselines import parse_baselines
     from .config import apply_settings, override
     from .methods import learning_rate_for
     from .pipeline import JobOptions
@@ -191,7 +197,7 @@ def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, t
                       train__lr=learning_rate_for(method, recipe, lr))
     recipe = apply_settings(recipe, settings)
     return recipe, JobOptions(output, data, eval_data, test_data, test_limit, resume, overwrite, compute_dtype,
-                              device, json_out, tuple(report_to))
+                              device, json_out, tuple(report_to), parse_baselines(baselines))
 
 
 def recipe_script(config_path: Path):

@@ -20,7 +20,8 @@ from .templates import real_positions
 
 
 def virtual_tokens(model) -> int:
-    return model.active_peft_config.num_virtual_tokens if isinstance(model, PeftModel) else 0
+    """The soft prompt's length; 0 for a bare base or a PEFT adapter that is not a prompt (a LoRA baseline)."""
+    return getattr(model.active_peft_config, "num_virtual_tokens", 0) if isinstance(model, PeftModel) else 0
 
 
 def is_multitask(model) -> bool:

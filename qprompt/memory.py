@@ -2,13 +2,15 @@
 
 Gradient checkpointing recomputes each layer in the backward pass; the lean gated MLP and grouped-query
 SDPA drop activations autograd would keep but can get back cheaply; on glibc, freed activations go
-back to the OS instead of staying resident.
+back to the OS instead of staying resident. PeakMemory measures what a block of training took.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import threading
 
 import torch
 
@@ -127,3 +129,37 @@ def return_freed_memory_to_the_os() -> None:
     libc = glibc()
     if libc is not None:  # not glibc: nothing to tune
         libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+
+
+class PeakMemory:
+    """The highest memory use while the block runs: CUDA's allocator peak on a GPU, else the process's resident
+    size sampled every 20 ms (the process-lifetime peak from getrusage would include earlier work)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+        else:  # no /proc: the process-lifetime peak is the best there is
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

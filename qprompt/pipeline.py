@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import owned
 from .artifact import MANIFEST, load_artifact, read_manifest
+from .baselines import DEFAULT_BASELINES, finetune, score_kshot
 from .config import RecipeConfig
 from .data import check_recipe_rows, check_splits, load_splits, read_rows
 from .evaluate import evaluate, main_metric
@@ -36,6 +38,7 @@ class JobOptions:
     device: str | None = None
     json_out: str | None = None  # also write the results here
     report_to: tuple[str, ...] = ()  # experiment trackers training logs to (tensorboard, mlflow)
+    baselines: tuple[str, ...] = DEFAULT_BASELINES  # what the soft prompt is compared with (qprompt/baselines.py)
 
 
 @dataclass
@@ -72,6 +75,32 @@ def score_hard_prompt(model, tokenizer, recipe: RecipeConfig, data: JobData) -> 
     return evaluate(model, tokenizer, recipe, data.test, data.where, hard_prompt=True)
 
 
+def score_prompting(model, tokenizer, recipe: RecipeConfig, data: JobData, job: JobOptions) -> dict:
+    """The prompting baselines `job.baselines` names, on the base: hard (0-shot) and kshot."""
+    out = {}
+    if "hard" in job.baselines:
+        out["hard"] = score_hard_prompt(model, tokenizer, recipe, data)
+    if "kshot" in job.baselines:
+        log.info("k-shot baseline on %d test rows", len(data.test))
+        out["kshot"] = score_kshot(model, tokenizer, recipe, data.splits["train"], data.test, data.where)
+    return out
+
+
+def score_finetuned(recipe: RecipeConfig, data: JobData, job: JobOptions) -> dict:
+    """The fine-tuning baselines `job.baselines` names (lora, full), trained for as many steps as the soft prompt
+    took, on its rows, with its batch and schedule; their artifacts go to OUTPUT/baselines/."""
+    steps = read_manifest(job.output)["training"]["steps"]
+    out = {}
+    for kind in ("lora", "full"):
+        if kind in job.baselines:
+            folder = Path(job.output) / "baselines" / kind
+            owned.claim(Path(job.output), "baselines")
+            folder.mkdir(parents=True, exist_ok=True)
+            out[kind] = finetune(kind, recipe, data.splits, data.test, data.where, steps, folder, job.compute_dtype,
+                                 job.device)
+    return out
+
+
 def train_or_reuse(recipe: RecipeConfig, model, tokenizer, info, data: JobData, job: JobOptions) -> None:
     """Train the soft prompt into `job.output`; a finished one already there is kept (unless `overwrite`), so
     running the job twice never throws away a trained prompt."""
@@ -93,36 +122,63 @@ def score_artifact(recipe: RecipeConfig, data: JobData, job: JobOptions) -> dict
     return evaluate(model, tokenizer, tuned_recipe, data.test, data.where)
 
 
-def report(recipe: RecipeConfig, baseline: dict, tuned: dict, job: JobOptions) -> dict:
-    """The comparison as a dict (written to `job.json_out` too, without per-row predictions)."""
-    result = {"metric": main_metric(recipe), "baseline": baseline, "soft_prompt": tuned,
-              "training": read_manifest(job.output)["training"], "output": str(job.output)}
+def report(recipe: RecipeConfig, baselines: dict, tuned: dict, job: JobOptions) -> dict:
+    """The comparison as a dict (written to `job.json_out` too, without per-row predictions): `baselines` by name,
+    `baseline` the hard prompt's row, `soft_prompt` with its trainable parameters, time, memory and size."""
+    training = read_manifest(job.output)["training"]
+    adapter = Path(job.output) / "adapter_model.safetensors"
+    tuned = {**tuned, "trainable_parameters": training["trainable_parameters"],
+             "train_seconds": training["seconds"], "peak_memory_gb": training.get("peak_memory_gb"),
+             "artifact_bytes": adapter.stat().st_size, "steps": training["steps"]}
+    result = {"metric": main_metric(recipe), "baselines": baselines, "baseline": baselines.get("hard"),
+              "soft_prompt": tuned, "training": training, "output": str(job.output)}
     if job.json_out:
-        slim = {k: ({kk: vv for kk, vv in v.items() if kk != "predictions"} if isinstance(v, dict) else v)
-                for k, v in result.items()}
-        Path(job.json_out).write_text(json.dumps(slim, indent=1) + "\n")
+        Path(job.json_out).write_text(json.dumps(slim(result), indent=1) + "\n")
     return result
 
 
+def slim(value):
+    """`value` without per-row predictions, at any depth."""
+    if isinstance(value, dict):
+        return {k: slim(v) for k, v in value.items() if k != "predictions"}
+    return value
+
+
 def train_and_compare(recipe: RecipeConfig, job: JobOptions) -> dict:
-    """The whole job: {"baseline": metrics, "soft_prompt": metrics, "training": ...} on the same test rows."""
+    """The whole job: {"baselines": {name: metrics}, "soft_prompt": metrics, "training": ...} on the same test
+    rows."""
     data = load_job_data(recipe, job)
     model, tokenizer, info = load_base(recipe, job)
-    baseline = score_hard_prompt(model, tokenizer, recipe, data)
+    prompting = score_prompting(model, tokenizer, recipe, data, job)
     train_or_reuse(recipe, model, tokenizer, info, data, job)
     del model  # the artifact is loaded on a fresh base: exactly what a user of the artifact gets
-    return report(recipe, baseline, score_artifact(recipe, data, job), job)
+    tuned = score_artifact(recipe, data, job)
+    return report(recipe, {**prompting, **score_finetuned(recipe, data, job)}, tuned, job)
+
+
+# How the report names each row.
+ROW_NAMES = {"hard": "hard prompt (0-shot)", "kshot": "hard prompt (k-shot)", "lora": "LoRA (fine-tuning)",
+             "full": "full fine-tuning", "soft_prompt": "soft prompt (qprompt)"}
 
 
 def report_lines(result: dict) -> list[str]:
-    """A short table of the comparison, for printing."""
+    """A short table of the comparison, for printing: each row's metric on the same test rows, and for the trained
+    ones their trainable parameters, training time, peak memory and artifact size."""
     m = result["metric"]
     t = result["training"]
-    return [
-        f"{'':<28}{m:>10}{'rows':>8}",
-        f"{'hard prompt (instruction)':<28}{result['baseline'][m]:>10.4f}{result['baseline']['rows']:>8}",
-        f"{'soft prompt (qprompt)':<28}{result['soft_prompt'][m]:>10.4f}{result['soft_prompt']['rows']:>8}",
-        f"training: {t['steps']} steps, {t['wall_seconds']:.0f} s wall ({t['seconds']:.0f} s in steps), "
-        f"{t['tokens_per_s']:.0f} tokens/s, {t['trainable_parameters']} trainable parameters; "
-        f"artifact: {result['output']}",
-    ]
+    rows = {**result["baselines"], "soft_prompt": result["soft_prompt"]}
+    lines = [f"{'':<24}{m:>10}{'rows':>6}{'trainable':>12}{'train s':>9}{'peak GB':>9}{'artifact':>11}"]
+    for name, row in rows.items():
+        line = f"{ROW_NAMES[name]:<24}{row[m]:>10.4f}{row['rows']:>6}"
+        if "trainable_parameters" in row:
+            peak = row.get("peak_memory_gb")
+            line += (f"{row['trainable_parameters']:>12,}{row['train_seconds']:>9.1f}"
+                     f"{'' if peak is None else f'{peak:.2f}':>9}{_size(row['artifact_bytes']):>11}")
+        lines.append(line)
+    lines.append(f"soft prompt training: {t['steps']} steps ({t.get('stopped') or 'max_steps'}), "
+                 f"{t['wall_seconds']:.0f} s wall, {t['tokens_per_s']:.0f} tokens/s; artifact: {result['output']}")
+    return lines
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**2:.1f} MB" if n >= 1024**2 else f"{n / 1024:.0f} KB"

@@ -33,6 +33,7 @@ from .evaluate import main_metric
 from .forward import target_logprobs
 from .manifest import EXPORT_MANIFEST
 from .memory import (
+    PeakMemory,
     enable_gradient_checkpointing,
     glibc,
     grouped_query_sdpa,
@@ -51,7 +52,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEF
 METRICS = "metrics.jsonl"
 # Every name training may create in --output, temporary ones included; nothing else there is ever touched.
 RUN_NAMES = frozenset({*ADAPTER_FILES, MANIFEST, MANIFEST + ".partial", METRICS, METRICS + ".partial", "loss.png",
-                       ".best.partial", *CHECKPOINTS, *(n for names in TRACKER_FILES.values() for n in names)})
+                       ".best.partial", *CHECKPOINTS, *(n for names in TRACKER_FILES.values() for n in names),
+                       "baselines"})  # `qprompt job --baselines lora,full`: their artifacts
 
 
 def lr_lambda(cfg) -> callable:
@@ -248,7 +250,8 @@ class Trainer:
         self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
         self.state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": 0, "tokens": 0,
                       "seconds": 0.0, "wall_seconds": 0.0, "recipe_digest": self.digest(),
-                      "fingerprint": self.info.fingerprint, "stale_evals": 0, "stopped": "", "tracking": {}}
+                      "fingerprint": self.info.fingerprint, "stale_evals": 0, "stopped": "", "tracking": {},
+                      "peak_memory": 0}
         self.wall_start = time.perf_counter()
         saved = self._read_checkpoint() if resume else None
         method = self.recipe.method
@@ -329,6 +332,7 @@ class Trainer:
         if self.model.device.type == "cpu":
             scope.enter_context(grouped_query_sdpa())
             libc = glibc()
+        memory = scope.enter_context(PeakMemory(self.model.device))
         try:
             if state["step"] == 0 and state["best"] is None and self.recipe.method.init_from:
                 # A prompt started from another artifact is already a candidate: training keeps it unless a step
@@ -362,6 +366,7 @@ class Trainer:
         finally:
             bar.close()
             scope.close()
+            state["peak_memory"] = max(state["peak_memory"], memory.peak)  # the highest of the run's processes
         self._close_log()
 
     def _stop_reason(self) -> str:
@@ -482,6 +487,7 @@ class Trainer:
         """Write the artifact's manifest (its prompt is the best one, saved at evaluation) and return it."""
         cfg, state = self.cfg, self.state
         training = {"steps": state["step"], "best_step": state["best_step"], "stopped": state["stopped"],
+                    "peak_memory_gb": round(state["peak_memory"] / 1024**3, 3),
                     "seconds": round(state["seconds"], 1),
                     "wall_seconds": round(time.perf_counter() - self.wall_start, 1), "tokens": state["tokens"],
                     "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),

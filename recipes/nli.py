@@ -16,18 +16,27 @@ The steps below are the job; defaults live in nli.yaml beside this file. Run:
 from pathlib import Path
 
 from qprompt.cli import recipe_script
-from qprompt.pipeline import load_base, load_job_data, report, score_artifact, score_hard_prompt, train_or_reuse
+from qprompt.pipeline import (
+    load_base,
+    load_job_data,
+    report,
+    score_artifact,
+    score_finetuned,
+    score_prompting,
+    train_or_reuse,
+)
 
 
 @recipe_script(Path(__file__).with_suffix(".yaml"))
 def main(recipe, job):
     data = load_job_data(recipe, job)  # train / validation / test rows, every row checked before the model loads
     model, tokenizer, info = load_base(recipe, job)  # the frozen base, quantized as the recipe says
-    baseline = score_hard_prompt(model, tokenizer, recipe, data)  # the hand-written instruction, no soft prompt
+    prompting = score_prompting(model, tokenizer, recipe, data, job)  # the hand-written instruction (0-/k-shot)
     train_or_reuse(recipe, model, tokenizer, info, data, job)  # the soft prompt, saved as a PEFT adapter
     del model  # the artifact is scored on a fresh base, as its users will load it
     tuned = score_artifact(recipe, data, job)  # the trained prompt on the same test rows
-    return report(recipe, baseline, tuned, job)
+    finetuned = score_finetuned(recipe, data, job)  # LoRA / full fine-tuning, when --baselines names them
+    return report(recipe, {**prompting, **finetuned}, tuned, job)
 
 
 if __name__ == "__main__":

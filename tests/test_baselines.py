@@ -1,0 +1,48 @@
+"""`qprompt job --baselines`: the prompting and fine-tuning baselines scored beside the soft prompt."""
+
+import json
+
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from qprompt.cli import main
+from qprompt.config import load_recipe, override
+from qprompt.data import read_rows
+from qprompt.evaluate import evaluate
+from qprompt.models import load_model
+
+
+def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_model_dir, sentiment_files, tmp_path):
+    out, report = tmp_path / "job", tmp_path / "job.json"
+    args = ["job", "sentiment", "--model", tiny_model_dir, "--quant", "nf4", "--data", sentiment_files["train"],
+            "--eval-data", sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 3,
+            "--virtual-tokens", 4, "--output", out, "--json", report, "--baselines", "hard,kshot,lora,full",
+            "train.batch_size=8"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    names = ("hard prompt (0-shot)", "hard prompt (k-shot)", "LoRA (fine-tuning)", "full fine-tuning",
+             "soft prompt (qprompt)")
+    assert [line[:24].strip() for line in result.output.splitlines() if line.startswith(names)] == list(names)
+    data = json.loads(report.read_text())
+    rows = data["baselines"]
+    assert list(rows) == ["hard", "kshot", "lora", "full"] and all(r["rows"] == 32 for r in rows.values())
+    assert data["baseline"] == rows["hard"]
+    assert rows["lora"]["steps"] == rows["full"]["steps"] == data["soft_prompt"]["steps"] == 3
+
+    base, tokenizer, _ = load_model(str(tiny_model_dir), "none")
+    assert rows["full"]["trainable_parameters"] == sum(p.numel() for p in base.parameters())
+    assert data["soft_prompt"]["trainable_parameters"] == 4 * base.config.hidden_size
+
+    # LoRA's row is its saved adapter, trained (B starts at zero) and scored on the test rows.
+    adapter = load_file(out / "baselines" / "lora" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in adapter.values()) == rows["lora"]["trainable_parameters"]
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in adapter.items())
+    nf4, tokenizer, _ = load_model(str(tiny_model_dir), "nf4")
+    lora = PeftModel.from_pretrained(nf4, out / "baselines" / "lora").eval()
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir))
+    with torch.no_grad():
+        again = evaluate(lora, tokenizer, recipe, read_rows(str(sentiment_files["test"])))
+    assert again["accuracy"] == rows["lora"]["accuracy"]
+    assert rows["lora"]["artifact_bytes"] >= 4 * rows["lora"]["trainable_parameters"]  # float32 weights, + config
