@@ -556,6 +556,9 @@ def _open_export(folder, model_file=None, providers=None):
 @click.option("--add", "add", type=click.Path(), default=None,
               help="Add this artifact as one more task to the task graph in --to (earlier tasks unchanged).")
 @click.option("--remove", "remove", type=str, default=None, help="Remove this task from the task graph in --to.")
+@click.option("--ensemble", type=str, default=None,
+              help="Also classify with the ARTIFACTS together under this name (prompts for one task, e.g. from "
+                   "other seeds): the mean of their label probabilities; with --add, the new task joins it.")
 @click.option("--to", "to", type=click.Path(file_okay=False), default=None, help="The export --add/--remove change.")
 @click.option("--quantize", type=click.Choice(list(QUANTIZATIONS)), default="none", show_default=True,
               help="The graph's weights. int4/int8: weight-only blocks (MatMulNBits), int4 with the LM head and a tied "
@@ -575,8 +578,8 @@ def _open_export(folder, model_file=None, providers=None):
 @click.option("--parity-tokens", type=click.IntRange(1), default=8, show_default=True,
               help="Greedy tokens that must match PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --output.")
-def export_command(artifacts, output, names, multi_task, prefix_slots, add, remove, to, quantize, graph, keep_float,
-                   accuracy_level, opset, parity_tokens, overwrite):
+def export_command(artifacts, output, names, multi_task, prefix_slots, add, remove, ensemble, to, quantize, graph,
+                   keep_float, accuracy_level, opset, parity_tokens, overwrite):
     """Merge soft prompts into an ONNX graph (constant KV prefix) and check it against PyTorch.
 
     One artifact: a graph for its task. Several (trained on the same base): one graph serving all of
@@ -588,7 +591,10 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
         if artifacts or output or not to or (add and remove):
             raise QPromptError("use --add ARTIFACT --to EXPORT or --remove NAME --to EXPORT, without ARTIFACTS or "
                                "--output")
-        data = add_task(add, to, names[0] if names else None, parity_tokens) if add else remove_task(to, remove)
+        if remove and ensemble:
+            raise QPromptError("--ensemble goes with ARTIFACTS or --add; --remove takes a task out of its ensembles")
+        data = add_task(add, to, names[0] if names else None, parity_tokens, ensemble) if add else \
+            remove_task(to, remove)
         click.echo(f"{'added ' + data.tasks[-1].name + ' to' if add else 'removed ' + remove + ' from'} {to}: "
                    f"tasks {', '.join(data.task_names)}")
         return
@@ -596,7 +602,7 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
         raise QPromptError("give ARTIFACTS and --output DIR (or --add/--remove with --to)")
     data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
                   multi_task=multi_task, prefix_slots=prefix_slots, graph=graph, keep_float=keep_float,
-                  accuracy_level=accuracy_level)
+                  accuracy_level=accuracy_level, ensemble=ensemble)
     for task in data.tasks:
         p = task.parity
         twin = p.get("float_compute_twin")
@@ -608,6 +614,8 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
         click.echo(f"exported {task.source.get('artifact')} to {output}"
                    f"{' as task ' + task.name if data.task_ids_input else ''} ({data.graph} graph): {check} "
                    f"({p['prompts']} prompts)")
+    for name, members in data.ensembles.items():
+        click.echo(f"  ensemble {name}: {', '.join(members)} (the mean of their label probabilities)")
     total = sum(info["mb"] for info in data.files.values())
     for name, info in data.files.items():
         click.echo(f"  {name}: {info['quantization']}, {info['mb']:.1f} MB")

@@ -12,7 +12,7 @@ format 2 (before fused graphs) still reads, as a written-out graph. Torch-free.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ExportError
@@ -83,6 +83,8 @@ class ExportManifest:
     fp32_weights: str = "full precision"
     graph: str = "written"  # "fused" (shared KV buffer, prompt in its first slots) or "written" (see above)
     weights: dict = field(default_factory=dict)  # the graph's quantization: kind, int4 scheme, accuracy level
+    # Ensemble name -> its member tasks: a row is classified by the mean of the members' label probabilities.
+    ensembles: dict = field(default_factory=dict)
     seconds: float = 0.0
     qprompt_version: str = ""
     format: str = EXPORT_FORMAT
@@ -92,7 +94,12 @@ class ExportManifest:
         return [t.name for t in self.tasks]
 
     def task(self, name: str | None = None) -> TaskEntry:
-        """The task called `name`; None picks the only one (an error for a graph of several)."""
+        """The task called `name`; None picks the only one (an error for a graph of several). An ensemble's entry is
+        its first member's with the ensemble's name and the longest member prompt (so one cut fits them all)."""
+        if name in self.ensembles:
+            members = [self.task(m) for m in self.ensembles[name]]
+            return replace(members[0], name=name, virtual_tokens=max(m.virtual_tokens for m in members),
+                           source={"ensemble": list(self.ensembles[name])}, parity=None)
         if name is None:
             if len(self.tasks) == 1:
                 return self.tasks[0]
@@ -104,7 +111,30 @@ class ExportManifest:
         raise ExportError(f"this export has no task {name!r}; its tasks: {', '.join(self.task_names)}")
 
     def task_id(self, name: str | None = None) -> int:
+        if name in self.ensembles:
+            raise ExportError(f"{name!r} is an ensemble of {', '.join(self.ensembles[name])}: it classifies (run "
+                              "--classify, eval, /v1/classify); to generate, name one of its members")
         return self.tasks.index(self.task(name))
+
+    def check_ensembles(self, fix: str) -> None:
+        """Each ensemble names classification tasks of this graph (two or more when exported; --remove may leave
+        one) with one template and one label set, and no task has its name."""
+        for name, members in self.ensembles.items():
+            if not isinstance(name, str) or not isinstance(members, list) or not members or \
+                    not all(isinstance(m, str) and m in self.task_names for m in members):
+                raise ExportError(f"ensemble {name!r} must list tasks of this graph (its tasks: "
+                                  f"{', '.join(self.task_names)}); {fix}")
+            if name in self.task_names:
+                raise ExportError(f"ensemble {name!r} has the name of a task; {fix}")
+            entries = [self.task(m) for m in members]
+            first = entries[0]
+            for e in entries:
+                if e.kind != "classification":
+                    raise ExportError(f"ensemble {name!r}: task {e.name!r} comes from a generation recipe; an "
+                                      f"ensemble votes on labels; {fix}")
+                if e.label_targets != first.label_targets or e.template.to_dict() != first.template.to_dict():
+                    raise ExportError(f"ensemble {name!r}: tasks {first.name!r} and {e.name!r} differ in their "
+                                      f"template or labels; an ensemble's prompts must share both; {fix}")
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tasks"}
@@ -155,7 +185,11 @@ class ExportManifest:
             raise ExportError(f"{path}: graph must be {' or '.join(GRAPH_KINDS)}, not {data.get('graph')!r}; {fix}")
         try:
             known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known and k not in ("tasks", "format")},
-                       tasks=[TaskEntry.from_dict(t) for t in tasks])
+            manifest = cls(**{k: v for k, v in data.items() if k in known and k not in ("tasks", "format")},
+                           tasks=[TaskEntry.from_dict(t) for t in tasks])
         except (KeyError, TypeError, AttributeError) as exc:
             raise ExportError(f"{path} has a key of the wrong shape ({exc}); {fix}") from None
+        if not isinstance(manifest.ensembles, dict):
+            raise ExportError(f"{path}: ensembles must be an object of name -> task names; {fix}")
+        manifest.check_ensembles(f"{path}: {fix}")
+        return manifest

@@ -180,9 +180,15 @@ class ExportedModel:
     def fields(self, task: str | None = None) -> list[str]:
         return self.task(task).template.fields
 
+    @property
+    def ensembles(self) -> dict[str, list[str]]:
+        """Ensemble name -> its member tasks (`qprompt export A B --ensemble NAME`)."""
+        return self.manifest.ensembles
+
     def label_ids(self, task: str | None = None) -> dict[str, list[int]]:
         """Each label's target token ids (empty for a generation task)."""
-        return self._label_ids[self.task(task).name]
+        members = self.ensembles.get(task)
+        return self._label_ids[members[0] if members else self.task(task).name]
 
     # ------------------------------------------------------------------------------- tokens
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -328,8 +334,13 @@ class ExportedModel:
     def label_scores(self, prompts: list[list[int]], batch_size: int = 16,
                      task: str | None | list[str | None] = None) -> np.ndarray:
         """Sum of log-probabilities of each label's tokens after each prompt: (N, labels). A list of tasks (one per
-        prompt) scores a mixed batch; its tasks must share their labels' names and order."""
+        prompt) scores a mixed batch; its tasks must share their labels' names and order. An ensemble's score is the
+        log of its members' mean label probability (each member's scores normalised over the labels)."""
+        if isinstance(task, str) and task in self.ensembles:
+            return self.ensemble_scores(prompts, task, batch_size)
         tasks = task if isinstance(task, list) else [task] * len(prompts)
+        if any(t in self.ensembles for t in tasks):
+            raise ExportError("a mixed batch cannot hold an ensemble's rows; score them on their own")
         label_ids = [self.label_ids(t) for t in tasks]
         labels = list(label_ids[0]) if label_ids else []
         if any(list(ids) != labels for ids in label_ids):
@@ -353,6 +364,15 @@ class ExportedModel:
                     logp = log_softmax(rows[r][-len(target) - 1 : -1])
                     scores[start + r, j] = logp[np.arange(len(target)), target].sum()
         return scores
+
+    def ensemble_scores(self, prompts: list[list[int]], ensemble: str, batch_size: int = 16) -> np.ndarray:
+        """Every prompt through every member prompt in one mixed batch, then log(mean over members of each member's
+        label probabilities): (N, labels)."""
+        members = self.ensembles[ensemble]
+        scores = self.label_scores(prompts * len(members), batch_size,
+                                   [m for m in members for _ in prompts])  # member-major: member k's rows together
+        probs = np.exp(log_softmax(scores.reshape(len(members), len(prompts), -1)))
+        return np.log(probs.mean(axis=0))
 
     def classify(self, inputs: list[dict | str], hard_prompt: bool = False, batch_size: int = 16,
                  task: str | None = None, truncate: bool = False) -> list[str]:

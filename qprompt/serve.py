@@ -314,6 +314,9 @@ class Server:
 
     async def complete(self, body: dict):
         task = self.task(body)
+        if task in self.model.ensembles:
+            raise RequestError(f"{task!r} is an ensemble of {', '.join(self.model.ensembles[task])}: it classifies "
+                               "(/v1/classify); to generate, name one of its members")
         prompts = self.prompts(body, "prompt", task)
         if any(len(p) >= self.limit for p in prompts):
             longest = max(len(p) for p in prompts)
@@ -452,7 +455,9 @@ def create_app(model: ExportedModel, options: ServeOptions | None = None, name: 
         m = model.manifest
         tasks = [{"name": t.name, "kind": t.kind, "labels": list(t.label_targets), "fields": t.template.fields}
                  for t in m.tasks]
-        return JSONResponse({"status": "ok", "model": server.name, "tasks": tasks, "max_positions": server.limit,
+        ensembles = [{"name": name, "members": members} for name, members in m.ensembles.items()]
+        return JSONResponse({"status": "ok", "model": server.name, "tasks": tasks, "ensembles": ensembles,
+                             "max_positions": server.limit,
                              "quantization": m.quantization, "max_batch": server.options.max_batch})
 
     async def metrics(request: Request):

@@ -222,3 +222,66 @@ def test_the_fused_and_the_written_out_graph_agree(artifacts, tmp_path):
     for a, b in zip(fused, written):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= max(PARITY_ABS, PARITY_REL_FUSED * float(np.abs(b).max()))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_an_ensemble_classifies_by_the_mean_of_its_prompts_label_probabilities(artifacts, sentiment_files, tmp_path):
+    """Two prompts for one task exported with --ensemble: a row's label probabilities through the ensemble are the
+    mean of its probabilities through each prompt (both in one mixed batch, so equal to float rounding); it
+    classifies by them everywhere a task name goes, refuses to generate, and follows --add/--remove."""
+    folder = tmp_path / "ensemble"
+    done = CliRunner().invoke(main, ["export", str(artifacts["pt"]), str(artifacts["ptune"]), "--name", "a", "--name",
+                                     "b", "--ensemble", "vote", "--output", str(folder), "--parity-tokens", "2",
+                                     "--prefix-slots", "6"])
+    assert done.exit_code == 0 and "ensemble vote: a, b" in done.output, done.output
+    graph = ExportedModel(folder, providers=["CPUExecutionProvider"])
+    ids = [graph.prompt_ids(r, task="vote") for r in ROWS]
+    members = [softmax(graph.label_scores(ids, task=t)) for t in ("a", "b")]
+    expected = (members[0] + members[1]) / 2
+    np.testing.assert_allclose(np.exp(graph.label_scores(ids, task="vote")), expected, rtol=PARITY_REL_FUSED,
+                               atol=1e-7)
+    assert not np.allclose(members[0], members[1])  # two different prompts: the mean is not either one
+    labels = list(graph.label_ids("vote"))
+    assert graph.classify(ROWS, task="vote") == [labels[i] for i in expected.argmax(axis=1)]
+    with pytest.raises(ExportError, match="'vote' is an ensemble of a, b: it classifies"):
+        graph.generate([ROWS[0]], Sampling(max_new_tokens=2), task="vote")
+
+    report = tmp_path / "e.json"
+    done = CliRunner().invoke(main, ["eval", str(folder), "--task", "vote", "--data", str(sentiment_files["test"]),
+                                     "--json", str(report)])
+    assert done.exit_code == 0, done.output
+    rows = data_rows("rotten_tomatoes", "test", 32)
+    assert json.loads(report.read_text())["predictions"] == graph.classify(rows, task="vote")
+
+    from qprompt.serve import ServeOptions
+    from tests.test_serve import start_server
+
+    server, thread, client = start_server(graph, ServeOptions(max_batch=8))
+    try:
+        status, body = client.post("/v1/classify", {"input": ROWS[:4], "task": "vote"})
+        assert status == 200 and [d["label"] for d in body["data"]] == graph.classify(ROWS[:4], task="vote")
+        assert [d["probabilities"] for d in body["data"]][0] == pytest.approx(dict(zip(labels, expected[0])),
+                                                                              rel=1e-4)
+        status, body = client.post("/v1/completions", {"prompt": ROWS[0], "task": "vote"})
+        assert status == 400 and "is an ensemble" in body["error"]["message"]
+        assert client.request("GET", "/health")[1]["ensembles"] == [{"name": "vote", "members": ["a", "b"]}]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    add_task(artifacts["prefix"], folder, "c", parity_tokens=2, ensemble="vote")
+    assert ExportedModel(folder).ensembles == {"vote": ["a", "b", "c"]}
+    remove_task(folder, "a")
+    assert ExportedModel(folder).ensembles == {"vote": ["b", "c"]}
+
+    with pytest.raises(QPromptError, match="--ensemble needs two or more artifacts"):
+        export(artifacts["pt"], tmp_path / "one", ensemble="vote")
+    manifest = json.loads((folder / "qprompt-export.json").read_text())
+    manifest["ensembles"] = {"vote": ["b", "gone"]}
+    (folder / "qprompt-export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="ensemble 'vote' must list tasks of this graph"):
+        ExportedModel(folder)

@@ -51,7 +51,7 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
            overwrite: bool = False, parity_tokens: int = 8, base_model: str | None = None, recipe=None,
            names: list[str] | None = None, multi_task: bool = False, prefix_slots: int | None = None,
            graph: str = "auto", keep_float: bool = False, accuracy_level: int | None = None,
-           int4: Int4Scheme | None = None) -> ExportManifest:
+           int4: Int4Scheme | None = None, ensemble: str | None = None) -> ExportManifest:
     """Write an export folder from `artifact` (or, with `base_model`, from a bare base: no soft prompt).
 
     Several artifacts (a list) trained on the same base make one graph of several tasks, named by `names`
@@ -61,7 +61,9 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
     graph: "fused" (onnxruntime-genai's model builder + the prompt), "written" (torch's exporter), or "auto"
     (fused where the builder knows the base). The folder holds the graph `quantize` names, and the float32
     graph too only with `keep_float`. accuracy_level: int4/int8 compute (default_accuracy_level). int4: the
-    int4 scheme for an artifact not trained on int4 (one trained on int4 keeps its own)."""
+    int4 scheme for an artifact not trained on int4 (one trained on int4 keeps its own). ensemble: a name under
+    which the artifacts (two or more classification prompts of one task) classify together, by the mean of their
+    label probabilities (Lester et al. 2021's prompt ensembles); each stays a task of its own too."""
     output = Path(output)
     artifacts = [artifact] if isinstance(artifact, (str, Path)) or artifact is None else list(artifact)
     if quantize not in QUANTIZATIONS:
@@ -80,6 +82,9 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
                for i, art in enumerate(artifacts)]
     level = default_accuracy_level(sources) if accuracy_level is None else accuracy_level
     check_same_base(sources)
+    if ensemble is not None and len(sources) < 2:
+        raise QPromptError("--ensemble needs two or more artifacts (prompts for one task, e.g. trained from other "
+                           "seeds or inits)")
     tables = multi_task or len(sources) > 1
     slots = prefix_slots or max(s.artifact["virtual_tokens"] for s in sources)
     if tables:
@@ -99,6 +104,12 @@ def export(artifact: str | Path | list | None, output: str | Path, quantize: str
                 else:
                     made = _written(sources, tmp, quantize, tables, slots, opset, scheme, level, keep_float)
                 data = _manifest(sources, tmp, made, quantize, tables, slots, opset, weights, level, scheme)
+                if ensemble is not None:
+                    data.ensembles = {ensemble: data.task_names}
+                    try:
+                        data.check_ensembles("export prompts of one task together")
+                    except ExportError as exc:
+                        raise QPromptError(str(exc)) from None  # the artifacts', not the graph's: no retry
                 data.write(tmp)  # the runtime that checks the graph reads it
                 _check(sources, tmp, data, parity_tokens)
                 break

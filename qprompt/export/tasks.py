@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import owned
-from ..errors import QPromptError
+from ..errors import ExportError, QPromptError
 from ..manifest import EXPORT_MANIFEST, ExportManifest, TaskEntry
 from ..runtime import ExportedModel
 from .folder import install_export, portable_base
@@ -47,10 +47,11 @@ def check_slots(sources: list[TaskSource], slots: int) -> None:
 
 
 def add_task(artifact: str | Path, folder: str | Path, name: str | None = None,
-             parity_tokens: int = 8) -> ExportManifest:
+             parity_tokens: int = 8, ensemble: str | None = None) -> ExportManifest:
     """Add an artifact's prompt to a task graph in `folder` as one more task, without re-exporting anything: only
     the prefix tables grow, so every earlier task's outputs stay bit-identical (checked before anything is
-    replaced). The base must be the one the graph was made from."""
+    replaced). The base must be the one the graph was made from. `ensemble`: the new task also joins (or starts)
+    that ensemble."""
     folder = Path(folder)
     manifest = ExportManifest.read(folder)
     if not manifest.task_ids_input:
@@ -69,6 +70,15 @@ def add_task(artifact: str | Path, folder: str | Path, name: str | None = None,
                            "--remove it first")
     check_slots([source], manifest.prefix_slots)
     entry = source.entry()
+    if ensemble is not None:
+        manifest.tasks.append(entry)  # checked as it will be written
+        manifest.ensembles = {**manifest.ensembles, ensemble: [*manifest.ensembles.get(ensemble, []), entry.name]}
+        try:
+            manifest.check_ensembles(f"add {artifact} without --ensemble, or to another ensemble")
+        except ExportError as exc:
+            raise QPromptError(str(exc)) from None
+        finally:
+            manifest.tasks.pop()
 
     def grow(path: Path, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         new_rows = _task_rows(path, manifest, source)
@@ -91,6 +101,10 @@ def remove_task(folder: str | Path, name: str) -> ExportManifest:
 
     def shrink(path: Path, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {n: np.delete(tables[n], index, axis=0) for n in tables}
+
+    # The task leaves its ensembles; an ensemble left with no member goes too.
+    kept = {e: [m for m in members if m != name] for e, members in manifest.ensembles.items()}
+    manifest.ensembles = {e: members for e, members in kept.items() if members}
 
     return _rewrite_tables(folder, manifest, shrink, [t for t in manifest.tasks if t.name != name])
 
