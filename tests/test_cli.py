@@ -218,13 +218,13 @@ def test_the_main_job_as_a_command_and_as_a_recipe_script(tiny_model_dir, sentim
                "--virtual-tokens", 4, "--output", tmp_path / "job", "--json", tmp_path / "job.json"]
     first = run("job", "sentiment", *options)
     assert first.exit_code == 0, first.output
-    table = [line for line in first.output.splitlines() if line.startswith(("hard prompt", "soft prompt"))]
-    assert len(table) == 2 and all(line.rstrip().endswith(" 32") for line in table)  # 32 test rows each
+    table = [line for line in first.output.splitlines() if line.startswith(("hard prompt (", "soft prompt ("))]
+    assert len(table) == 2 and all(line[24:].split()[1] == "32" for line in table)  # 32 test rows each
     result = json.loads((tmp_path / "job.json").read_text())
     assert result["training"]["steps"] == 2 and result["soft_prompt"]["rows"] == 32
     again = CliRunner().invoke(sentiment_script, [str(a) for a in options])
     assert again.exit_code == 0, again.output
-    assert [line for line in again.output.splitlines() if line.startswith(("hard prompt", "soft prompt"))] == table
+    assert [line for line in again.output.splitlines() if line.startswith(("hard prompt (", "soft prompt ("))] == table
     assert json.loads((tmp_path / "job.json").read_text())["training"] == result["training"]  # reused, not retrained
 
 

@@ -251,11 +251,17 @@ def add_prefix(path: Path, tables: dict[str, np.ndarray], head_dim: int, num_lay
 
 
 def read_prompt_tables(path: Path) -> dict[str, np.ndarray]:
+    """The prompt tables of a fused graph: the prefix table and each task's virtual-token count."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in (TABLE, TASK_TOKENS)}
+    found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+             if t.name in (TABLE, TASK_TOKENS, "q.row_tokens")}
+    single = found.pop("q.row_tokens", None)  # a single-task graph holds its one count as a scalar constant
+    if TASK_TOKENS not in found and single is not None:
+        found[TASK_TOKENS] = np.array([int(single)], dtype=np.int32)
+    return found
 
 
 def write_prompt_tables(path: Path, tables: dict[str, np.ndarray]) -> None:
