@@ -193,11 +193,20 @@ def tune(recipe: RecipeConfig, splits: dict[str, list[dict]], options: TuneOptio
 
     remaining = options.trials - finished(study)
     if remaining > 0:
-        stop_at = options.trials
-        study.optimize(objective, n_trials=remaining, timeout=options.budget_minutes * 60 if options.budget_minutes
-                       else None, callbacks=[optuna.study.MaxTrialsCallback(
-                           stop_at, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))],
-                       catch=(TrialFailed,))
+        # Until the study holds --trials finished trials (other terminals' count too); a failed trial does not
+        # count, but as many failures in a row as trials wanted end the run (settings that never work).
+        done = optuna.study.MaxTrialsCallback(options.trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                      optuna.trial.TrialState.PRUNED))
+        streak = {"failed": 0}
+
+        def give_up(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            streak["failed"] = streak["failed"] + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
+            if streak["failed"] >= remaining:
+                log.warning("%d trials in a row failed: stopping (see their errors in trials.csv)", streak["failed"])
+                study.stop()
+
+        study.optimize(objective, timeout=options.budget_minutes * 60 if options.budget_minutes else None,
+                       callbacks=[done, give_up], catch=(TrialFailed,))
     else:
         log.info("the study already holds %d finished trials (--trials %d): nothing to run", finished(study),
                  options.trials)
@@ -242,7 +251,8 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict:
             "virtual_tokens": trial.params.get("virtual_tokens"), "init": trial.params.get("init", ""),
             "options": ";".join(f"{k}={v}" for k, v in trial.params.items()
                                 if k not in ("method", "lr_factor", "virtual_tokens", "init")),
-            "steps": attrs.get("steps"), "stopped": attrs.get("stopped", ""), "seconds": attrs.get("seconds")}
+            "steps": attrs.get("steps"), "stopped": attrs.get("stopped", ""), "seconds": attrs.get("seconds"),
+            "error": attrs.get("error", "")}
 
 
 def write_table(path: Path, rows: list[dict]) -> None:

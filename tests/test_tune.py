@@ -93,3 +93,34 @@ def test_tune_refuses_a_training_run_folder(tiny_model_dir, sentiment_files, tmp
                                        str(run_folder)])
     assert result.exit_code == 2 and "holds a training run, not a tune; pass another --output" in result.output
     assert sorted(p.name for p in run_folder.iterdir()) == before
+
+
+def test_a_failing_trial_is_recorded_and_ctrl_c_ends_the_tune(tiny_model_dir, sentiment_files, tmp_path):
+    """A trial whose settings fail (a one-line QPromptError) is marked failed with its message and the study goes
+    on; Ctrl-C in a trial (the run saves its checkpoint, then raises Interrupted) ends the whole tune."""
+    from qprompt.errors import Interrupted, QPromptError
+
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
+                      train__max_steps=1, train__eval_every=1, train__batch_size=8, train__warmup_steps=1)
+    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
+    calls = []
+
+    def load(cfg):
+        calls.append(cfg.method.virtual_tokens)
+        if cfg.method.virtual_tokens == 16:
+            raise QPromptError("16 virtual tokens do not fit; lower them")
+        return load_model(cfg.model, "none")
+
+    first = [{"method": "prompt-tuning", "lr_factor": 1.0, "virtual_tokens": n, "init": "vocab"} for n in (4, 16, 8)]
+    summary = tune(recipe, splits, TuneOptions(tmp_path / "tune", trials=2), load, first_trials=first)
+    assert [r["state"] for r in summary["trials"]] == ["complete", "fail", "complete"]
+    study = optuna.load_study(study_name="sentiment", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    assert study.trials[1].user_attrs["error"] == "16 virtual tokens do not fit; lower them"
+
+    def interrupted(cfg):
+        raise Interrupted("interrupted at step 0; continue with --resume")
+
+    with pytest.raises(Interrupted):
+        tune(recipe, splits, TuneOptions(tmp_path / "tune", trials=5), interrupted)
+    assert len(optuna.load_study(study_name="sentiment", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+               .trials) == 4  # one more trial, failed; no further trial was started
