@@ -75,7 +75,7 @@ def open_study(recipe: RecipeConfig, options: TuneOptions) -> optuna.Study:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat's label
     storage = optuna.storages.RDBStorage(
         storage_url(options), heartbeat_interval=30, grace_period=120,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=max(options.startup_trials, 1))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials,
                                          n_warmup_steps=max(recipe.train.eval_every - 1, 0))
@@ -292,6 +292,7 @@ def param_importance(study: optuna.Study) -> dict[str, float]:
 
 def plot_study(path: Path, rows: list[dict], importance: dict[str, float], metric: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,6 +309,7 @@ def plot_study(path: Path, rows: list[dict], importance: dict[str, float], metri
     if pruned:
         left.scatter(pruned, [min(line)] * len(pruned), marker="x", color="grey", label="pruned")
     left.set(xlabel="trial", ylabel=f"validation {metric}", title="trials")
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.legend()
     names = list(importance)[::-1]
     right.barh(names, [importance[n] for n in names])
