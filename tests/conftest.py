@@ -106,3 +106,20 @@ def sentiment_export(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
     train(recipe, model, tok, info, splits, folder / "artifact", progress=False)
     export(folder / "artifact", folder / "export", parity_tokens=4)
     return folder / "export"
+
+
+def ctrl_c_at(monkeypatch, call: int):
+    """Ctrl-C during the `call`-th micro-batch of training (qprompt.train.target_logprobs); returns the real function,
+    to set back for the resumed run."""
+    import qprompt.train as qtrain
+
+    real, calls = qtrain.target_logprobs, {"n": 0}
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    return real

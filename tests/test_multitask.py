@@ -19,7 +19,7 @@ from qprompt.methods import add_soft_prompt, saved_prompt, start_from_artifact, 
 from qprompt.models import load_model
 from qprompt.multitask import MultitaskTrainer, multitask_recipe, train_multitask
 
-from .conftest import data_rows, write_jsonl
+from .conftest import ctrl_c_at, data_rows, write_jsonl
 
 SMALL = dict(quant="none", data__validation_rows=8, train__max_steps=4, train__batch_size=8, train__lr=0.1,
              train__eval_every=2, train__eval_rows=8, train__log_every=1, train__warmup_steps=1)
@@ -136,15 +136,7 @@ def test_an_interrupted_multitask_run_resumes_to_the_same_prompt(tiny_model_dir,
     recipes = small_recipes(tiny_model_dir, train__eval_every=1)
     mpt = shared_parts("multitask-prompt-tuning")
     straight = train_multitask(recipes, mpt, recipes[0].train, tmp_path / "straight", task_files, progress=False)
-    real, calls = qtrain.target_logprobs, {"n": 0}
-
-    def flaky(model, batch):  # Ctrl-C during step 3, after the step-2 checkpoint
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    real = ctrl_c_at(monkeypatch, 3)  # Ctrl-C during step 3, after the step-2 checkpoint
     with pytest.raises(QPromptError, match="interrupted at step 2"):
         train_multitask(recipes, mpt, recipes[0].train, tmp_path / "split", task_files, progress=False)
     monkeypatch.setattr(qtrain, "target_logprobs", real)

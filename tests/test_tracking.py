@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import qprompt.train as qtrain
 from qprompt.cli import main
+from tests.conftest import ctrl_c_at
 
 OPTIONS = ["--virtual-tokens", 4, "--max-steps", 4, "--batch-size", 8, "--eval-every", 2, "--lr", 0.1, "--quant",
            "none", "--report-to", "tensorboard", "--report-to", "mlflow", "train.log_every=1", "train.eval_rows=16"]
@@ -58,15 +59,7 @@ def test_tensorboard_and_mlflow_hold_the_run(tiny_model_dir, sentiment_files, tm
 
 
 def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tiny_model_dir, sentiment_files, tmp_path, monkeypatch):
-    calls, real = {"n": 0}, qtrain.target_logprobs
-
-    def flaky(model, batch):  # Ctrl-C during step 3, after the step-2 checkpoint
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    real = ctrl_c_at(monkeypatch, 3)  # Ctrl-C during step 3, after the step-2 checkpoint
     out = tmp_path / "split"
     first = train(tiny_model_dir, sentiment_files, out)
     assert first.exit_code == 2 and "interrupted at step 2" in first.output, first.output

@@ -11,6 +11,7 @@ from qprompt.data import load_splits
 from qprompt.errors import QPromptError
 from qprompt.models import load_model
 from qprompt.train import train
+from tests.conftest import ctrl_c_at
 
 
 def _run(recipe, files, output, quant="nf4", **kw):
@@ -76,16 +77,7 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_recipe, sentiment_files
     straight = tmp_path / "straight"
     _run(tiny_recipe, sentiment_files, straight, quant)
 
-    calls = {"n": 0}
-    real = qtrain.target_logprobs
-
-    def flaky(model, batch):  # Ctrl-C during the 5th micro-batch, after the step-3 checkpoint
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    real = ctrl_c_at(monkeypatch, 5)  # Ctrl-C during the 5th micro-batch, after the step-3 checkpoint
     out = tmp_path / "interrupted"
     with pytest.raises(QPromptError, match="interrupted at step 4.*--resume"):
         _run(tiny_recipe, sentiment_files, out, quant)
@@ -220,15 +212,7 @@ def test_a_resumed_run_keeps_its_patience_count(tiny_recipe, sentiment_files, tm
     like the uninterrupted one, not three evaluations after the resume."""
     _scripted(monkeypatch, {})
     tiny_recipe.train.max_steps, tiny_recipe.train.eval_every, tiny_recipe.train.patience = 20, 1, 3
-    calls, real = {"n": 0}, qtrain.target_logprobs
-
-    def flaky(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
+    real = ctrl_c_at(monkeypatch, 4)
     out = tmp_path / "split"
     with pytest.raises(QPromptError, match="interrupted at step 3"):
         _run(tiny_recipe, sentiment_files, out, "none")
