@@ -7,8 +7,10 @@
     full    full fine-tuning of the unquantized base
 
 The fine-tuning baselines train on the soft prompt's training rows with its batch size, its learning-rate schedule
-(warm-up then cosine) and as many optimizer steps as the soft prompt took, at the learning rate usual for each
-kind; each row records its metric, trainable parameters, training wall time, peak memory and artifact size.
+(warm-up then cosine) and, at the learning rate usual for each kind, either as many optimizer steps as the soft
+prompt took (budget "steps") or as many as fit in the soft prompt's training time (budget "time": the step count
+is set from the time of the first steps, so the schedule still ends where training ends); each row records its
+metric, trainable parameters, steps, training wall time, peak memory and artifact size.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ KSHOT = 4  # demonstrations in front of each kshot input
 # 1e-4 to 2e-4 for far larger models and longer runs); full fine-tuning's is the usual 2e-5 to 1e-4 band's middle.
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lr": 5e-4}
 FULL_LR = 5e-5
+BUDGETS = ("steps", "time")
+TIMED_STEPS = 3  # steps timed before a "time" budget sets the step count (the first one is slower: allocation)
 
 
 def parse_baselines(text: str) -> tuple[str, ...]:
@@ -55,8 +59,10 @@ def score_kshot(model, tokenizer, recipe: RecipeConfig, train_rows: list[dict], 
 
 
 def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], test: list[dict], where: str,
-             steps: int, output: Path, compute_dtype: str | None = None, device: str | None = None) -> dict:
-    """Train the `kind` ("lora" or "full") baseline for `steps` steps, score it on `test`; returns its row."""
+             steps: int, output: Path, compute_dtype: str | None = None, device: str | None = None,
+             seconds: float | None = None) -> dict:
+    """Train the `kind` ("lora" or "full") baseline for `steps` steps — or, given `seconds`, for as many steps as
+    fit in that training time — then score it on `test`; returns its row."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -90,8 +96,9 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     model.train()
     log.info("%s baseline: %d steps of batch %d at lr %g (%s base)", kind, steps, batch_size, lr, quant)
     start = time.perf_counter()
+    step, timed_at = 0, min(TIMED_STEPS, steps) if seconds is not None else None
     with PeakMemory(model.device) as memory:
-        for _ in range(steps):
+        while step < steps:
             for _ in range(cfg.grad_accum):
                 if len(order) < batch_size:  # a new epoch, shuffled
                     order = list(range(len(examples)))
@@ -106,7 +113,12 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
+            step += 1
+            if step == timed_at:  # the step count the time budget holds
+                per_step = (time.perf_counter() - start) / step
+                steps = schedule_cfg.max_steps = max(step, round(seconds / per_step))
+                log.info("%s baseline: %.1f s per step; %d steps fit in %.0f s", kind, per_step, steps, seconds)
+    elapsed = time.perf_counter() - start
     model.eval()
     metrics = evaluate(model, tokenizer, recipe, test, where)
     if kind == "lora":  # the artifact a user keeps: the adapter
@@ -115,6 +127,6 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     else:  # the whole model, as safetensors would hold it (not written: it is the base's size)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
     del optimizer
-    return {**metrics, "trainable_parameters": sum(p.numel() for p in params), "train_seconds": round(seconds, 1),
+    return {**metrics, "trainable_parameters": sum(p.numel() for p in params), "train_seconds": round(elapsed, 1),
             "peak_memory_gb": round(memory.peak / 1024**3, 3), "artifact_bytes": size, "steps": steps, "lr": lr,
             "base_quant": quant}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .baselines import DEFAULT_BASELINES
+from .baselines import BUDGETS, DEFAULT_BASELINES
 from .errors import QPromptError
 from .methods import METHODS, method_names, option_choices
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
@@ -170,6 +170,9 @@ def job_options(default_output: str):
                          help="What the soft prompt is compared with, comma-separated: hard (the hand-written "
                               "prompt), kshot (with 4 demonstrations), lora (LoRA on the same quantized base) and "
                               "full (full fine-tuning, unquantized); the last two each cost a training run."),
+            click.option("--baseline-budget", type=click.Choice(BUDGETS), default="steps", show_default=True,
+                         help="lora/full train as many steps as the soft prompt took, or as long as it trained "
+                              "(time: the comparison at equal training wall time)."),
             report_option,
             settings_argument,
         ]
@@ -181,7 +184,8 @@ def job_options(default_output: str):
 
 
 def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, test_data, test_limit, max_steps,
-         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, baselines, report_to, settings):
+         virtual_tokens, init_from, lr, output, resume, overwrite, json_out, baselines, baseline_budget, report_to,
+         settings):
     """The recipe with the options' overrides and the settings (SECTION.KEY=VALUE, applied last), and the job's
     options; both checked before any work."""
     from .baselines import parse_baselines
@@ -197,7 +201,7 @@ def _job(recipe, model, quant, compute_dtype, device, method, data, eval_data, t
                       train__lr=learning_rate_for(method, recipe, lr))
     recipe = apply_settings(recipe, settings)
     return recipe, JobOptions(output, data, eval_data, test_data, test_limit, resume, overwrite, compute_dtype,
-                              device, json_out, tuple(report_to), parse_baselines(baselines))
+                              device, json_out, tuple(report_to), parse_baselines(baselines), baseline_budget)
 
 
 def recipe_script(config_path: Path):

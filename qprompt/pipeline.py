@@ -39,6 +39,7 @@ class JobOptions:
     json_out: str | None = None  # also write the results here
     report_to: tuple[str, ...] = ()  # experiment trackers training logs to (tensorboard, mlflow)
     baselines: tuple[str, ...] = DEFAULT_BASELINES  # what the soft prompt is compared with (qprompt/baselines.py)
+    baseline_budget: str = "steps"  # lora/full train the soft prompt's steps, or for its training time ("time")
 
 
 @dataclass
@@ -88,8 +89,10 @@ def score_prompting(model, tokenizer, recipe: RecipeConfig, data: JobData, job: 
 
 def score_finetuned(recipe: RecipeConfig, data: JobData, job: JobOptions) -> dict:
     """The fine-tuning baselines `job.baselines` names (lora, full), trained for as many steps as the soft prompt
-    took, on its rows, with its batch and schedule; their artifacts go to OUTPUT/baselines/."""
-    steps = read_manifest(job.output)["training"]["steps"]
+    took (or for as long: `job.baseline_budget`), on its rows, with its batch and schedule; their artifacts go to
+    OUTPUT/baselines/."""
+    training = read_manifest(job.output)["training"]
+    steps, seconds = training["steps"], training["seconds"] if job.baseline_budget == "time" else None
     out = {}
     for kind in ("lora", "full"):
         if kind in job.baselines:
@@ -97,7 +100,7 @@ def score_finetuned(recipe: RecipeConfig, data: JobData, job: JobOptions) -> dic
             owned.claim(Path(job.output), "baselines")
             folder.mkdir(parents=True, exist_ok=True)
             out[kind] = finetune(kind, recipe, data.splits, data.test, data.where, steps, folder, job.compute_dtype,
-                                 job.device)
+                                 job.device, seconds)
     return out
 
 

@@ -46,3 +46,20 @@ def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_m
         again = evaluate(lora, tokenizer, recipe, read_rows(str(sentiment_files["test"])))
     assert again["accuracy"] == rows["lora"]["accuracy"]
     assert rows["lora"]["artifact_bytes"] >= 4 * rows["lora"]["trainable_parameters"]  # float32 weights, + config
+
+
+def test_a_time_budget_trains_as_many_steps_as_fit_in_the_soft_prompts_time(tiny_model_dir, sentiment_files,
+                                                                             tmp_path, monkeypatch):
+    """--baseline-budget time: the step count comes from the time of the first steps (a clock that moves 10 s
+    per reading: the soft prompt's 2 steps take 10 s, so its 20 s hold 4), and the row says how many ran."""
+    import types
+
+    from qprompt import baselines
+
+    calls = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(baselines, "time", types.SimpleNamespace(perf_counter=lambda: float(next(calls))))
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
+    splits = {"train": read_rows(str(sentiment_files["train"]))}
+    test = read_rows(str(sentiment_files["test"]))[:8]
+    row = baselines.finetune("lora", recipe, splits, test, "test rows", 2, tmp_path / "lora", seconds=20.0)
+    assert row["steps"] == 4 and row["train_seconds"] == 20.0 and row["rows"] == 8
