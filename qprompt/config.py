@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import QPromptError
-from .methods import METHODS, method_names
+from .methods import METHODS, method_names, option_fields
 from .templates import template_fields  # noqa: F401  (callers import it from here too)
 
 
@@ -68,21 +68,26 @@ class TemplateConfig:
 
 
 @dataclass
-class MethodConfig:
+class CommonMethodConfig:
+    """The method settings every method reads; each method's own options (methods/<method>.py) join them in
+    MethodConfig below, as flat keys of a recipe's `method:` section."""
+
     name: str = _f("prompt-tuning", f"soft-prompt method: {_either(method_names())}")
     virtual_tokens: int = _f(20, "number of learned virtual tokens")
     init: str = _f("text", "init of prompt tuning (embeddings) and prefix tuning without projection (the keys/values "
                    "the model computes for the tokens): text (instruction or init_text), labels (the label words), "
                    "vocab (random words), random; p-tuning and prefix+MLP start from random encoder weights")
     init_text: str = _f("", "text for init=text; empty means the template's instruction")
-    encoder: str = _f("mlp", "p-tuning's prompt encoder: mlp or lstm")
-    encoder_hidden_size: int = _f(0, "hidden size of the p-tuning encoder / prefix MLP (0: the model's hidden size)")
-    prefix_projection: bool = _f(False, "prefix-tuning: learn the prefix through an MLP (Li & Liang); "
-                                 "false learns it directly (the deep prompts of P-tuning v2)")
     init_from: str = _f("", "artifact folder whose learned prompt this one starts from (prompt transfer, e.g. from "
                         "a `qprompt multitask` prompt); replaces init; same base, method kind and virtual tokens")
-    tasks: int = _f(1, "multitask-prompt-tuning: tasks sharing the prompt, each with its own part (`qprompt "
-                    "multitask` sets it to the number of recipes)")
+
+
+MethodConfig = dataclasses.make_dataclass(
+    "MethodConfig", [(name, f.type, field(default=f.default, metadata=f.metadata))
+                     for name, f in option_fields().items()],
+    bases=(CommonMethodConfig,))
+MethodConfig.__module__ = __name__
+MethodConfig.__doc__ = "The method section of a recipe: CommonMethodConfig's fields, then every method's options."
 
 
 # Fields added after artifacts and checkpoints existed: at their defaults they stay out of the recipe digest, so a
@@ -152,10 +157,10 @@ class RecipeConfig:
             raise QPromptError(f"recipe {self.name}: method {self.method.name!r} must be {_either(method_names())}")
         if self.method.init not in ("text", "labels", "vocab", "random"):
             raise QPromptError(f"recipe {self.name}: method.init must be text, labels, vocab or random")
-        for method in METHODS.values():  # every recipe has every option: each holds one of its method's values
-            for option, allowed in method.options.items():
-                if getattr(self.method, option) not in allowed:
-                    raise QPromptError(f"recipe {self.name}: method.{option} must be {_either(allowed)}")
+        for option, spec in option_fields().items():  # every recipe has every option: each holds an allowed value
+            allowed = spec.metadata["choices"]
+            if allowed and getattr(self.method, option) not in allowed:
+                raise QPromptError(f"recipe {self.name}: method.{option} must be {_either(allowed)}")
         if self.method.init_from and not METHODS[self.method.name].starts_from_prompt(self.method):
             raise QPromptError(f"recipe {self.name}: method.init_from needs a method that learns its prompt directly "
                                f"({_either(m.name for m in METHODS.values() if m.starts_from_prompt(MethodConfig()))}"
@@ -176,7 +181,9 @@ class RecipeConfig:
         return self
 
     def _check_ranges(self) -> None:
-        for key, low, high in _RANGES:
+        options = [(f"method.{name}", f.metadata["low"], None) for name, f in option_fields().items()
+                   if f.metadata["low"] is not None]
+        for key, low, high in _RANGES + options:
             section, _, name = key.rpartition(".")
             value = getattr(getattr(self, section) if section else self, name)
             too_low = value <= 0 if low == "positive" else value < low
@@ -189,7 +196,7 @@ class RecipeConfig:
 
 # (field, lowest or "positive", highest or None): values the training loop cannot work with.
 _RANGES = [
-    ("method.virtual_tokens", 1, None), ("method.tasks", 1, None), ("method.encoder_hidden_size", 0, None),
+    ("method.virtual_tokens", 1, None),  # each method's options bring their own lowest values
     ("data.validation_rows", 0, None),
     ("data.test_rows", 0, None), ("data.max_length", 8, None), ("train.max_steps", 1, None),
     ("train.batch_size", 1, None), ("train.grad_accum", 1, None), ("train.lr", "positive", None),

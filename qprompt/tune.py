@@ -89,7 +89,7 @@ def recipe_settings(recipe: RecipeConfig) -> dict:
     params = {"method": recipe.method.name, "lr_factor": 1.0, "virtual_tokens": recipe.method.virtual_tokens}
     if method.uses_init(recipe.method):
         params["init"] = recipe.method.init
-    params.update({option: getattr(recipe.method, option) for option in method.options})
+    params.update({option: getattr(recipe.method, option) for option in method.choices()})
     return params
 
 
@@ -111,7 +111,7 @@ def trial_recipe(trial: optuna.Trial, recipe: RecipeConfig, methods: tuple[str, 
     out.method.virtual_tokens = trial.suggest_categorical("virtual_tokens", tokens)
     if method.uses_init(out.method):
         out.method.init = trial.suggest_categorical("init", init_choices(recipe))
-    for option, choices in method.options.items():
+    for option, choices in method.choices().items():
         setattr(out.method, option, trial.suggest_categorical(option, list(choices)))
     trial.set_user_attr("lr", lr)
     return out.validate()

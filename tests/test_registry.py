@@ -90,3 +90,63 @@ def test_each_method_declares_what_peft_builds(tiny_model_dir, name):
     assert is_prefix(model) == (method.exports_as == KV_PREFIX)
     assert method.trainable_parameters(Shape.of(base.config), 5) == trainable_parameters(model)
     assert method.suggested_lr > 0
+
+
+def test_a_new_method_is_one_file_and_an_option_one_field(tmp_path):
+    """Dropped into qprompt/methods/ (a copy of the package), a module with an options dataclass is a method the
+    CLI lists, and its option a recipe key with its own help and checks; nothing else is edited."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import qprompt
+
+    package = tmp_path / "qprompt"
+    shutil.copytree(Path(qprompt.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "methods" / "echo_tuning.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from . import EMBEDDING_PREFIX, SoftPromptMethod, option, prompt_tuning, register\n\n"
+        "@dataclass\nclass EchoOptions:\n"
+        "    echoes: int = option(2, 'times the prompt repeats', low=1)\n"
+        "    mode: str = option('loud', 'how it echoes', choices=('loud', 'soft'))\n\n"
+        "register(SoftPromptMethod(name='echo-tuning', help='echo', peft_config=prompt_tuning.peft_config,\n"
+        "    suggested_lr=0.01, exports_as=EMBEDDING_PREFIX, options=EchoOptions,\n"
+        "    trainable_parameters=prompt_tuning.trainable_parameters))\n")
+    script = (
+        "from qprompt.config import MethodConfig, apply_settings, load_recipe, QPromptError\n"
+        "from qprompt.methods import get_method, method_names\n"
+        "import dataclasses\n"
+        "print(method_names()[-1], [f.name for f in dataclasses.fields(MethodConfig)][-2:])\n"
+        "recipe = apply_settings(load_recipe('sentiment'), ['method.name=echo-tuning', 'method.echoes=5'])\n"
+        "print(recipe.method.echoes, recipe.method.mode, get_method('echo-tuning').choices())\n"
+        "for bad in ('method.echoes=0', 'method.mode=quiet'):\n"
+        "    try:\n"
+        "        apply_settings(load_recipe('sentiment'), [bad]).validate()\n"
+        "    except QPromptError as exc:\n"
+        "        print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "", "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "echo-tuning ['echoes', 'mode']",
+        "5 loud {'mode': ('loud', 'soft')}",
+        "recipe sentiment: method.echoes must be at least 1 (got 0); fix the config or the option",
+        "recipe sentiment: method.mode must be loud or soft",
+    ]
+
+
+def test_two_methods_may_share_an_option_only_if_it_means_the_same():
+    from dataclasses import dataclass
+
+    from qprompt.methods import option
+
+    @dataclass
+    class Clash:
+        encoder: str = option("gru", "another encoder", choices=("gru",))  # p-tuning's encoder defaults to mlp
+
+    with pytest.raises(ValueError, match="option 'encoder' differs from another method's option of that name"):
+        register(SoftPromptMethod(name="clash", help="x", peft_config=prompt_tuning.peft_config, suggested_lr=0.1,
+                                  exports_as=EMBEDDING_PREFIX, trainable_parameters=prompt_tuning.trainable_parameters,
+                                  options=Clash))
+    assert "clash" not in METHODS

@@ -1,10 +1,11 @@
 """The soft-prompt methods, as a registry: one module per method declares all that qprompt asks of it.
 
-A method is its PEFT config, an optional initialisation once PEFT has built the prompt, the learning
+A method is its PEFT config, its own options (a dataclass of `option` fields: they become keys of a
+recipe's `method:` section), an optional initialisation once PEFT has built the prompt, the learning
 rate measured to train it, how its prompt enters the model (and so the export), and its
-trainable-parameter count for `qprompt plan`. The CLI's choices, config validation, plan and the
-benches read the registry, so a new method is one module that calls `register` (listed in BUILT_IN
-below when it ships with qprompt) plus its tests.
+trainable-parameter count for `qprompt plan`. The CLI's choices, config validation, `tune`'s search
+space, plan and the benches read the registry, so a new method is one module in this folder that
+calls `register` (every module here is imported), plus its tests; a new option is one field.
 
 PEFT owns the prompt's parameters, their initialisation and the adapter files, so every artifact
 stays loadable with `PeftModel.from_pretrained`. Importing this module imports neither torch nor
@@ -13,9 +14,11 @@ PEFT: the torch-free deploy install reads the method names too.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,12 @@ if TYPE_CHECKING:
 # How a method's prompt enters the frozen decoder; the forward pass and the export follow it.
 EMBEDDING_PREFIX = "embedding prefix"  # virtual token embeddings in front of the real ones
 KV_PREFIX = "kv prefix"  # keys/values every layer reads before the real tokens' own
+
+
+def option(default: Any, help: str, choices: tuple = (), low: int | None = None) -> Any:
+    """A field of a method's options dataclass: its default, its help, and what values it may take: `choices`
+    (checked in every recipe, searched by `qprompt tune`) or a lowest value `low`."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices), "low": low})
 
 
 @dataclass(frozen=True)
@@ -46,18 +55,25 @@ class SoftPromptMethod:
     initialise: Callable[[PeftModel, RecipeConfig, str, int], None] | None = None
     # Whether method.init shapes the starting prompt (else random encoder weights do): the benches record it.
     uses_init: Callable[[MethodConfig], bool] = lambda method: True
-    # MethodConfig fields only this method reads, with their allowed values (checked in every recipe).
-    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The dataclass of the options only this method reads (fields made with `option`); they join MethodConfig,
+    # so a recipe sets them under `method:` and the CLI as method.NAME=VALUE.
+    options: type | None = None
     # The method's own settings a benchmark row records, e.g. p-tuning's encoder.
     settings: Callable[[MethodConfig], dict] = lambda method: {}
     # Whether method.init_from can start it from a saved prompt: true when it learns the prompt tensor itself
     # (no encoder in between), so the saved tensor can be its starting point.
     starts_from_prompt: Callable[[MethodConfig], bool] = lambda method: False
+    listed: int = 100  # where the CLI lists it (lower first)
+
+    def option_fields(self) -> tuple[dataclasses.Field, ...]:
+        return dataclasses.fields(self.options) if self.options else ()
+
+    def choices(self) -> dict[str, tuple]:
+        """The options with a set of allowed values, e.g. p-tuning's encoder: (mlp, lstm)."""
+        return {f.name: f.metadata["choices"] for f in self.option_fields() if f.metadata["choices"]}
 
 
 METHODS: dict[str, SoftPromptMethod] = {}
-# The modules of the methods qprompt ships, in the order the CLI lists them; each registers its method.
-BUILT_IN = ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning")
 
 
 def register(method: SoftPromptMethod) -> SoftPromptMethod:
@@ -65,8 +81,20 @@ def register(method: SoftPromptMethod) -> SoftPromptMethod:
         raise ValueError(f"a soft-prompt method named {method.name!r} is already registered")
     if method.exports_as not in (EMBEDDING_PREFIX, KV_PREFIX):
         raise ValueError(f"{method.name}: exports_as must be EMBEDDING_PREFIX or KV_PREFIX")
+    known = option_fields()
+    for f in method.option_fields():  # one name, one meaning: two methods may share an option only if it agrees
+        if f.name in known and (known[f.name].type, known[f.name].default) != (f.type, f.default):
+            raise ValueError(f"{method.name}: option {f.name!r} differs from another method's option of that name")
     METHODS[method.name] = method
+    ordered = sorted(METHODS.values(), key=lambda m: m.listed)
+    METHODS.clear()
+    METHODS.update((m.name, m) for m in ordered)
     return method
+
+
+def option_fields() -> dict[str, dataclasses.Field]:
+    """Every registered method's options by name: the method-specific part of MethodConfig."""
+    return {f.name: f for method in METHODS.values() for f in method.option_fields()}
 
 
 def method_names() -> list[str]:
@@ -81,7 +109,7 @@ def get_method(name: str) -> SoftPromptMethod:
 
 def option_choices(option: str) -> list[str]:
     """The values the registered methods allow for a MethodConfig option, e.g. encoder: mlp, lstm."""
-    return [value for method in METHODS.values() for value in method.options.get(option, ())]
+    return [value for method in METHODS.values() for value in method.choices().get(option, ())]
 
 
 def learning_rate_for(method: str | None, recipe: RecipeConfig, lr: float | None) -> float | None:
@@ -202,5 +230,5 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-for _module in BUILT_IN:
-    importlib.import_module(f".{_module}", __package__)
+for _module in pkgutil.iter_modules(__path__):  # every method module in this folder registers itself
+    importlib.import_module(f".{_module.name}", __package__)

@@ -7,9 +7,10 @@ then starts from it with method.init_from. Trained on one recipe it is prompt tu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import EMBEDDING_PREFIX, SoftPromptMethod, init_text, register
+from . import EMBEDDING_PREFIX, SoftPromptMethod, init_text, option, register
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
     from ..plan import Shape
 
 RANK = 1  # the paper's rank: a task adds (virtual tokens + hidden) numbers
+
+
+@dataclass
+class MultitaskOptions:
+    tasks: int = option(1, "multitask-prompt-tuning: tasks sharing the prompt, each with its own part (`qprompt "
+                        "multitask` sets it to the number of recipes)", low=1)
 
 
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
@@ -63,4 +70,5 @@ MULTITASK_PROMPT_TUNING = register(SoftPromptMethod(
     trainable_parameters=trainable_parameters, initialise=initialise,
     starts_from_prompt=lambda method: True,
     settings=lambda method: {"tasks": method.tasks},
+    options=MultitaskOptions, listed=3,
 ))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import EMBEDDING_PREFIX, SoftPromptMethod, register
+from . import EMBEDDING_PREFIX, SoftPromptMethod, option, register
 
 if TYPE_CHECKING:
     from ..config import MethodConfig, RecipeConfig
@@ -12,6 +13,13 @@ if TYPE_CHECKING:
 
 # method.encoder -> PEFT's PromptEncoderReparameterizationType
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}
+
+
+@dataclass
+class PTuningOptions:
+    encoder: str = option("mlp", "p-tuning's prompt encoder: mlp or lstm", choices=tuple(ENCODERS))
+    encoder_hidden_size: int = option(0, "width of p-tuning's encoder and the prefix MLP (0: the model's "
+                                      "hidden size for p-tuning, 512 for the prefix MLP)", low=0)
 
 
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
@@ -39,6 +47,6 @@ P_TUNING = register(SoftPromptMethod(
     suggested_lr=3e-3,
     exports_as=EMBEDDING_PREFIX, trainable_parameters=trainable_parameters,
     uses_init=lambda method: False,  # the encoder starts from random weights (PEFT)
-    options={"encoder": tuple(ENCODERS)},
+    options=PTuningOptions, listed=1,
     settings=lambda method: {"encoder": method.encoder},
 ))

@@ -6,16 +6,26 @@ with method.prefix_projection, through an MLP as in Li & Liang.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import QPromptError
-from . import KV_PREFIX, SoftPromptMethod, init_text, register
+from . import KV_PREFIX, SoftPromptMethod, init_text, option, register
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
     from ..config import MethodConfig, RecipeConfig
     from ..plan import Shape
+
+
+@dataclass
+class PrefixTuningOptions:
+    prefix_projection: bool = option(False, "prefix-tuning: learn the prefix through an MLP (Li & Liang); false learns "
+                                     "it directly (the deep prompts of P-tuning v2)")
+    # shared with p-tuning (same name, same meaning): the width of the MLP
+    encoder_hidden_size: int = option(0, "width of p-tuning's encoder and the prefix MLP (0: the model's "
+                                      "hidden size for p-tuning, 512 for the prefix MLP)", low=0)
 
 
 def peft_config(method: MethodConfig, recipe: RecipeConfig, tokenizer_path: str):
@@ -91,4 +101,5 @@ PREFIX_TUNING = register(SoftPromptMethod(
     uses_init=lambda method: not method.prefix_projection,  # the MLP starts from random weights (PEFT)
     settings=lambda method: {"prefix_projection": True} if method.prefix_projection else {},
     starts_from_prompt=lambda method: not method.prefix_projection,
+    options=PrefixTuningOptions, listed=2,
 ))

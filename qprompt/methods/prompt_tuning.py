@@ -34,5 +34,5 @@ def trainable_parameters(shape: Shape, virtual_tokens: int, **_options) -> int:
 PROMPT_TUNING = register(SoftPromptMethod(
     name="prompt-tuning", help="prompt tuning", peft_config=peft_config, suggested_lr=3e-2,
     exports_as=EMBEDDING_PREFIX, trainable_parameters=trainable_parameters,
-    starts_from_prompt=lambda method: True,
+    starts_from_prompt=lambda method: True, listed=0,
 ))
