@@ -50,8 +50,9 @@ def starting_metric(target: str, quant: str, init_from: str | None, seed: int) -
     from qprompt.config import load_recipe, override
     from qprompt.data import load_splits
     from qprompt.evaluate import evaluate, main_metric
-    from qprompt.methods import add_soft_prompt, start_from_artifact
+    from qprompt.methods import add_soft_prompt
     from qprompt.models import load_model
+    from qprompt.transfer import start_from_artifact
 
     recipe = override(load_recipe(target), quant=quant, method__init_from=init_from, train__seed=seed)
     model, tokenizer, info = load_model(recipe.model, recipe.quant)

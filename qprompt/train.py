@@ -40,10 +40,11 @@ from .memory import (
     lean_gated_mlp,
     return_freed_memory_to_the_os,
 )
-from .methods import add_soft_prompt, copy_prompt, start_prompt, trainable_parameters
+from .methods import add_soft_prompt, trainable_parameters
 from .models import ModelInfo
 from .tracking import FILES as TRACKER_FILES
 from .tracking import Report, Tracking
+from .transfer import copy_prompt, start_prompt
 
 log = logging.getLogger("qprompt")
 CHECKPOINT = "checkpoint"

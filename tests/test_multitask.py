@@ -15,9 +15,10 @@ from qprompt.data import load_splits
 from qprompt.errors import QPromptError
 from qprompt.evaluate import evaluate
 from qprompt.forward import prompt_task, soft_prompt
-from qprompt.methods import add_soft_prompt, saved_prompt, start_from_artifact, start_prompt
+from qprompt.methods import add_soft_prompt
 from qprompt.models import load_model
 from qprompt.multitask import MultitaskTrainer, multitask_recipe, train_multitask
+from qprompt.transfer import saved_prompt, start_from_artifact, start_prompt
 
 from .conftest import ctrl_c_at, data_rows, write_jsonl
 
