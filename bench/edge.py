@@ -109,8 +109,8 @@ def make_exports(work: Path, artifacts: dict[str, dict[str, Path]], model: str) 
 def builder_anchor(folder: Path, model: str, precision: str) -> Path:
     """onnxruntime-genai's model builder on the bare base, as its README runs it, plus a qprompt-export.json so that
     qprompt's runtime can drive the very same files (the graph is untouched)."""
+    from qprompt.deploy.manifest import ExportManifest, TaskEntry
     from qprompt.export.fused import build_base_graph
-    from qprompt.manifest import ExportManifest, TaskEntry
     from qprompt.models import resolve_model
     from qprompt.templates import Template
 
@@ -135,7 +135,7 @@ def builder_anchor(folder: Path, model: str, precision: str) -> Path:
 # ------------------------------------------------------------------------------------------------ speed
 def prompt_ids(folder: Path, n: int, data: Path) -> list[int]:
     """n token ids of real text (test reviews, one after another), without a template."""
-    from qprompt.runtime import ExportedModel
+    from qprompt.deploy.runtime import ExportedModel
 
     model = ExportedModel(folder)
     ids: list[int] = []
@@ -173,7 +173,7 @@ def time_genai(model, ids: list[int], new: int, virtual: int) -> tuple[float, li
 
 
 def time_qprompt(model, ids: list[int], new: int) -> tuple[float, list[float]]:
-    from qprompt.runtime import DecodeBatch
+    from qprompt.deploy.runtime import DecodeBatch
 
     batch = DecodeBatch(model)
     start = time.perf_counter()
@@ -189,7 +189,7 @@ def time_qprompt(model, ids: list[int], new: int) -> tuple[float, list[float]]:
 
 def measure_speed(folders: dict[str, Path], data: Path, threads: int, rounds: int, prompt_tokens: int,
                   new_tokens: int) -> dict:
-    from qprompt.runtime import ExportedModel
+    from qprompt.deploy.runtime import ExportedModel
 
     names = [n for n in folders if n.startswith("builder-") or n.startswith("sentiment-")]
     ids = prompt_ids(folders[names[0]], prompt_tokens, data)
@@ -224,13 +224,13 @@ def rss_child(folder: str, runtime: str, threads: int) -> None:
     ids = list(range(1000, 1040))
     if runtime == "genai":
         model = genai_model(Path(folder), threads)
-        from qprompt.runtime import ExportedModel
+        from qprompt.deploy.runtime import ExportedModel
 
         virtual = ExportedModel(folder).manifest.prefix_slots if json.loads(
             (Path(folder) / "qprompt-export.json").read_text()).get("graph") == "fused" else 0
         time_genai(model, ids, 32, virtual)
     else:
-        from qprompt.runtime import ExportedModel
+        from qprompt.deploy.runtime import ExportedModel
 
         time_qprompt(ExportedModel(folder, threads=threads), ids, 32)
     status = Path("/proc/self/status").read_text()
@@ -269,8 +269,8 @@ def trained_labels(artifact: Path, rows: list[dict]) -> list[str]:
 def measure_accuracy(folders: dict[str, Path], artifacts: dict[str, dict[str, Path]], data: Path, limit: int,
                      results: dict) -> dict:
     from qprompt.data import read_rows
+    from qprompt.deploy.runtime import ExportedModel
     from qprompt.metrics import classification_metrics
-    from qprompt.runtime import ExportedModel
 
     out = results.get("accuracy", {})
     for task, by_quant in artifacts.items():
@@ -366,8 +366,8 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int) -> dic
     prompt's rows are copied from its sym-b32 export (same prompt, same base), the graph is the builder's with other
     options. Size and test accuracy: how much each scheme loses before any int4 training."""
     from qprompt.data import read_rows
+    from qprompt.deploy.manifest import ExportManifest
     from qprompt.export import fused
-    from qprompt.manifest import ExportManifest
     from qprompt.models import resolve_model
 
     manifest = ExportManifest.read(nf4_export)
@@ -387,9 +387,9 @@ def measure_schemes(work: Path, nf4_export: Path, data: Path, limit: int) -> dic
 
 
 def scheme_row(work: Path, name: str, options: tuple, source: Path, nf4_export: Path, manifest, tables, rows, gold):
+    from qprompt.deploy.runtime import ExportedModel
     from qprompt.export import fused
     from qprompt.metrics import classification_metrics
-    from qprompt.runtime import ExportedModel
 
     folder = work / f"scheme-{name}"
     if not (folder / "qprompt-export.json").is_file():

@@ -37,9 +37,9 @@ def main(artifacts, data, quantize, limit, work, out):
 
     from qprompt.cli import quiet_libraries
     from qprompt.data import read_rows
+    from qprompt.deploy.runtime import ExportedModel
     from qprompt.export import export
     from qprompt.metrics import classification_metrics
-    from qprompt.runtime import ExportedModel
 
     quiet_libraries()
     names = [f"m{i}" for i in range(len(artifacts))]

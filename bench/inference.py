@@ -118,7 +118,7 @@ def genai_timers(model, prompt_ids, new_tokens) -> dict:
 
 def runtime_timers(runtime, prompt_ids, new_tokens) -> dict:
     """qprompt's runtime through its API (generate_ids: padding, cache, token choice), EOS off: exactly n tokens."""
-    from qprompt.runtime import Sampling
+    from qprompt.deploy.runtime import Sampling
 
     def gen(n):
         eos, runtime.eos_ids = runtime.eos_ids, set()
@@ -187,10 +187,10 @@ def latency_exports(virtual_tokens, work, reuse=False, graphs=GRAPHS) -> list[in
     """The latency prompt, its export (`graphs`) and the bare base's; kept with --reuse. Returns the request's ids."""
     from qprompt.config import load_recipe_file, override
     from qprompt.data import load_splits, read_rows
+    from qprompt.deploy.genai import GENAI_CONFIG
+    from qprompt.deploy.runtime import ExportedModel
     from qprompt.export import export, quantize_graph
-    from qprompt.genai import GENAI_CONFIG
     from qprompt.models import load_model
-    from qprompt.runtime import ExportedModel
     from qprompt.train import train
 
     # A 100-virtual-token prompt for latency (one training step: values do not change speed).
@@ -216,7 +216,7 @@ def latency_exports(virtual_tokens, work, reuse=False, graphs=GRAPHS) -> list[in
 
 def latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse=False):
     from qprompt.artifact import load_artifact
-    from qprompt.runtime import ExportedModel
+    from qprompt.deploy.runtime import ExportedModel
 
     prompt_ids = latency_exports(virtual_tokens, work, reuse)
     peft_model, tok, _, _ = load_artifact(work / "latency-artifact", quant="none")
@@ -250,9 +250,9 @@ def latency_part(results, virtual_tokens, new_tokens, repeats, work, reuse=False
 def agreement_part(results, artifact, rows, work):
     """Every quantized graph of the trained artifact against fp32 and against the trained-on nf4 weights."""
     from qprompt.data import read_rows
+    from qprompt.deploy.runtime import ExportedModel
     from qprompt.export import export, quantize_graph
     from qprompt.metrics import classification_metrics
-    from qprompt.runtime import ExportedModel
 
     export(artifact, work / "trained", overwrite=True, graph="written")
     for q in ("int8", "int8-dynamic", "int4"):
@@ -285,8 +285,8 @@ def genai_part(results, virtual_tokens, new_tokens, repeats, rows, work, reuse=F
 
     from qprompt.artifact import load_artifact
     from qprompt.data import read_rows
+    from qprompt.deploy.runtime import ExportedModel, Sampling
     from qprompt.forward import greedy_generate
-    from qprompt.runtime import ExportedModel, Sampling
 
     prompt_ids = latency_exports(virtual_tokens, work, reuse, graphs=("fp32",))
     results["prompt_tokens"] = len(prompt_ids)

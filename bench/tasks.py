@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 MEMORY_PROBE = """
 import sys
-from qprompt.runtime import ExportedModel, Sampling
+from qprompt.deploy.runtime import ExportedModel, Sampling
 graphs = [ExportedModel(f, threads=1) for f in sys.argv[1:]]
 for g in graphs:
     for t in g.tasks:
@@ -58,8 +58,8 @@ def test_rows(artifact: Path, rows: int) -> list[dict]:
 
 
 def score(model, task: str | None, rows: list[dict], kind: str, label_field: str, labels: list[str]) -> dict:
+    from qprompt.deploy.runtime import Sampling
     from qprompt.metrics import classification_metrics, rouge_l
-    from qprompt.runtime import Sampling
 
     refs = [str(r[label_field]) for r in rows]
     if kind == "classification":
@@ -79,8 +79,8 @@ def score(model, task: str | None, rows: list[dict], kind: str, label_field: str
 @click.option("--throughput-rows", default=64, show_default=True, help="Test rows per task in the throughput part.")
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "tasks.json"), show_default=True)
 def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, json_out):
+    from qprompt.deploy.runtime import ExportedModel
     from qprompt.export import export
-    from qprompt.runtime import ExportedModel
 
     named = dict(a.split("=", 1) for a in artifacts)
     names, paths = list(named), [Path(p) for p in named.values()]

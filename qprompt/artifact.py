@@ -17,10 +17,10 @@ from pathlib import Path
 
 from . import __version__
 from .config import RecipeConfig, from_dict
+from .deploy.runtime import ExportError, read_json_object
 from .errors import QPromptError
 from .methods import load_soft_prompt
 from .models import ModelInfo, load_model
-from .runtime import ExportError, read_json_object
 
 MANIFEST = "qprompt.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -15,10 +15,10 @@ from pathlib import Path
 import click
 
 from .baselines import BUDGETS, DEFAULT_BASELINES
+from .deploy.runtime import QUANTIZATIONS
 from .errors import QPromptError
 from .methods import METHODS, method_names, option_choices
 from .models import ALIASES, DEFAULT_MODEL, QUANTS
-from .runtime import QUANTIZATIONS
 
 log = logging.getLogger("qprompt")
 
@@ -511,9 +511,9 @@ def _eval_export(folder, data, limit, batch_size, json_out, task=None):
     import time
 
     from .data import check_rows, read_rows
-    from .manifest import ExportManifest
+    from .deploy.manifest import ExportManifest
+    from .deploy.runtime import Sampling
     from .metrics import classification_metrics, rouge_l
-    from .runtime import Sampling
 
     if data is None:
         raise QPromptError("scoring an export needs --data FILE with the recipe's fields and labels")
@@ -541,7 +541,7 @@ def _eval_export(folder, data, limit, batch_size, json_out, task=None):
 
 
 def _open_export(folder, model_file=None, providers=None):
-    from .runtime import ExportedModel
+    from .deploy.runtime import ExportedModel
 
     return ExportedModel(folder, model_file, providers)  # its ExportError is one `error:` line too
 
@@ -652,7 +652,7 @@ def folder_mb(folder: Path) -> float:
 def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, temperature, top_k, top_p, seed,
                 stop, batch_size, model_file, task):
     """Run an exported graph with ONNX Runtime (CUDA when onnxruntime-gpu is installed, else CPU)."""
-    from .runtime import Sampling
+    from .deploy.runtime import Sampling
 
     if prompt is not None and input_file is not None:
         raise QPromptError("pass --prompt TEXT or --input FILE, not both")
@@ -699,8 +699,8 @@ def run_command(export_dir, prompt, input_file, raw, classify, max_new_tokens, t
 def serve(export_dir, host, port, max_batch, batch_window_ms, max_tokens_limit, model_file, threads, log_level):
     """Serve an export over HTTP: POST /v1/completions (OpenAI-style, streaming), POST /v1/classify,
     GET /health, GET /metrics. Concurrent requests are batched."""
-    from .runtime import ExportedModel
-    from .serve import ServeOptions, bind, serve
+    from .deploy.runtime import ExportedModel
+    from .deploy.serve import ServeOptions, bind, serve
 
     if not Path(export_dir).is_dir():
         raise QPromptError(f"{export_dir} does not exist; pass the folder `qprompt export --output` wrote")

@@ -249,7 +249,7 @@ def load_model(
 def check_model_tokenizer(folder: str) -> None:
     """A local model folder's tokenizer.json must parse: load_model checks it before the slow weight load,
     since transformers reports a damaged one as a bare traceback. Covers the alias's converted folder too."""
-    from .runtime import ExportError, read_tokenizer
+    from .deploy.runtime import ExportError, read_tokenizer
 
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():

@@ -27,11 +27,11 @@ from . import owned
 from .artifact import MANIFEST, manifest, read_checkpoint_state, write_json
 from .config import RecipeConfig
 from .data import Encoder, collate, template_fields
+from .deploy.manifest import EXPORT_MANIFEST
 from .errors import Interrupted, QPromptError
 from .evaluate import evaluate as evaluate_rows
 from .evaluate import main_metric
 from .forward import target_logprobs
-from .manifest import EXPORT_MANIFEST
 from .memory import (
     PeakMemory,
     enable_gradient_checkpointing,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from qprompt.runtime import ExportedModel, Sampling
+from qprompt.deploy.runtime import ExportedModel, Sampling
 from tests.conftest import data_rows
 
 ROOT = Path(__file__).resolve().parents[1]

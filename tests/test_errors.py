@@ -360,7 +360,7 @@ def test_top_p_zero_keeps_the_most_likely_token(exported):
 def test_pick_with_top_p_zero_is_argmax():
     import numpy as np
 
-    from qprompt.runtime import Sampling, pick_token
+    from qprompt.deploy.runtime import Sampling, pick_token
 
     logits = np.array([0.5, 2.0, 1.0])
     rng = np.random.default_rng(0)

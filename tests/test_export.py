@@ -16,12 +16,12 @@ import torch
 
 from qprompt.artifact import load_artifact
 from qprompt.data import Encoder, load_splits
+from qprompt.deploy.runtime import ExportedModel, ExportError, Sampling
 from qprompt.errors import QPromptError
 from qprompt.evaluate import classify
 from qprompt.export import PARITY_ABS, PARITY_REL_FUSED, export
 from qprompt.forward import greedy_generate
 from qprompt.models import load_model
-from qprompt.runtime import ExportedModel, ExportError, Sampling
 from qprompt.train import train
 from tests.conftest import data_rows
 
@@ -154,7 +154,7 @@ def test_padded_batches_equal_single_runs(exported):
 def test_rows_joining_and_leaving_a_running_batch_keep_their_tokens(exported):
     """The server's batching: a row that joins mid-generation, or stays after another leaves, decodes as it does alone
     (a fused graph's buffer grows as the rows get longer)."""
-    from qprompt.runtime import DecodeBatch
+    from qprompt.deploy.runtime import DecodeBatch
 
     runtime = ExportedModel(exported)
     a, b = runtime.prompt_ids("a long, slow and quietly devastating film"), runtime.prompt_ids("meh")
@@ -177,7 +177,7 @@ def test_rows_joining_and_leaving_a_running_batch_keep_their_tokens(exported):
 
 def greedy_ids(runtime, prompt, n):
     """n greedy tokens, EOS or not (generate_ids would stop at one)."""
-    from qprompt.runtime import DecodeBatch
+    from qprompt.deploy.runtime import DecodeBatch
 
     batch, out = DecodeBatch(runtime), []
     logits = batch.join([prompt])
@@ -274,7 +274,7 @@ def test_the_int4_base_holds_the_graphs_codes(int4_artifact, tmp_path):
 
 
 def test_runtime_imports_no_torch(exported):
-    code = ("import sys; from qprompt.runtime import ExportedModel; "
+    code = ("import sys; from qprompt.deploy.runtime import ExportedModel; "
             f"m = ExportedModel({str(exported)!r}); print(m.classify(['a fine film']), m.generate(['ok'])); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

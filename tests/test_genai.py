@@ -27,12 +27,12 @@ from qprompt.artifact import load_artifact
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.data import load_splits
+from qprompt.deploy.genai import GENAI_CONFIG, GENERIC_DECODER_TYPE, PLAIN_DECODER_TYPES, genai_model_type
+from qprompt.deploy.runtime import QUANTIZATIONS, ExportedModel, Sampling
 from qprompt.export import export
 from qprompt.forward import greedy_generate
-from qprompt.genai import GENAI_CONFIG, GENERIC_DECODER_TYPE, PLAIN_DECODER_TYPES, genai_model_type
 from qprompt.models import load_model
 from qprompt.owned import owned
-from qprompt.runtime import QUANTIZATIONS, ExportedModel, Sampling
 from qprompt.train import train
 
 NEW_TOKENS = 8

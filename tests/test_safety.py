@@ -203,7 +203,7 @@ def test_a_crafted_ledger_never_reaches_outside_the_export_folder(run_dir, tmp_p
 
 @pytest.mark.parametrize("name", ["../other/model.onnx", "/etc/passwd", "..", "sub/model.onnx"])
 def test_a_crafted_model_file_is_refused(run_dir, tmp_path, name):
-    from qprompt.runtime import ExportedModel, ExportError
+    from qprompt.deploy.runtime import ExportedModel, ExportError
 
     out = tmp_path / "exp"
     export(run_dir, out)

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from qprompt.cli import main
-from qprompt.runtime import DecodeBatch, ExportedModel, Sampling, log_softmax
-from qprompt.serve import ServeOptions, bind, create_app
+from qprompt.deploy.runtime import DecodeBatch, ExportedModel, Sampling, log_softmax
+from qprompt.deploy.serve import ServeOptions, bind, create_app
 from tests.conftest import data_rows
 
 REVIEWS = [r["text"] for r in data_rows("rotten_tomatoes", "test", 12)]

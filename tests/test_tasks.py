@@ -19,10 +19,10 @@ from click.testing import CliRunner
 from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.data import load_splits
+from qprompt.deploy.runtime import ExportedModel, Sampling
 from qprompt.errors import ExportError, QPromptError
 from qprompt.export import PARITY_ABS, PARITY_REL, PARITY_REL_FUSED, add_task, export, remove_task
 from qprompt.models import load_model
-from qprompt.runtime import ExportedModel, Sampling
 from qprompt.train import train
 from tests.conftest import data_rows
 
@@ -180,7 +180,7 @@ def test_the_command_line_routes_by_task(bank, artifacts, sentiment_files, tmp_p
 def test_the_server_batches_requests_of_different_tasks(bank):
     from concurrent.futures import ThreadPoolExecutor
 
-    from qprompt.serve import ServeOptions
+    from qprompt.deploy.serve import ServeOptions
     from tests.test_serve import start_server
 
     graph = ExportedModel(bank, providers=["CPUExecutionProvider"])
@@ -257,7 +257,7 @@ def test_an_ensemble_classifies_by_the_mean_of_its_prompts_label_probabilities(a
     rows = data_rows("rotten_tomatoes", "test", 32)
     assert json.loads(report.read_text())["predictions"] == graph.classify(rows, task="vote")
 
-    from qprompt.serve import ServeOptions
+    from qprompt.deploy.serve import ServeOptions
     from tests.test_serve import start_server
 
     server, thread, client = start_server(graph, ServeOptions(max_batch=8))

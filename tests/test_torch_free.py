@@ -41,7 +41,7 @@ def test_run_and_eval_an_export_without_torch(exported, sentiment_files, tmp_pat
     done = qprompt_without_torch("run", exported, "--input", sentiment_files["test"], "--classify")
     assert done.returncode == 0, done.stderr
     labels = [json.loads(line) for line in done.stdout.splitlines()]
-    from qprompt.runtime import ExportedModel
+    from qprompt.deploy.runtime import ExportedModel
 
     rows = [json.loads(line) for line in sentiment_files["test"].read_text().splitlines()]
     assert labels == ExportedModel(exported).classify(rows)  # what the runtime gives with torch importable too

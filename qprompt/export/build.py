@@ -20,12 +20,12 @@ import uuid
 from pathlib import Path
 
 from .. import __version__
+from ..deploy.genai import GENAI_CONFIG, fused_genai_config, genai_config
+from ..deploy.manifest import ExportManifest
+from ..deploy.runtime import QUANTIZATIONS, ExportedModel
 from ..errors import ExportError, QPromptError
 from ..forward import cache_shape
-from ..genai import GENAI_CONFIG, fused_genai_config, genai_config
 from ..int4 import Int4Scheme
-from ..manifest import ExportManifest
-from ..runtime import QUANTIZATIONS, ExportedModel
 from . import fused
 from .folder import check_export_output, file_mb, install_export, portable_base
 from .parity import PARITY_REL, PARITY_REL_FUSED, parity, passed

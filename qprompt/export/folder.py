@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from .. import owned
+from ..deploy.genai import GENAI_CONFIG
+from ..deploy.manifest import EXPORT_MANIFEST
 from ..errors import QPromptError
-from ..genai import GENAI_CONFIG
-from ..manifest import EXPORT_MANIFEST
 
 
 def check_export_output(output: Path, artifact: str | Path | None, overwrite: bool) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..deploy.runtime import ExportedModel, Sampling
 from ..forward import greedy_generate, is_multitask, is_prefix, virtual_tokens
-from ..runtime import ExportedModel, Sampling
 
 # An exact graph must match PyTorch to max |logit diff| <= max(PARITY_ABS, rel x the largest |logit|).
 # rel is float32 reassociation. Written-out graph: on SmolLM2-135M (30 layers, |logits| up to ~45) PyTorch

@@ -15,8 +15,8 @@ import torch
 
 from ..artifact import load_artifact
 from ..data import template_of
+from ..deploy.manifest import TaskEntry
 from ..forward import cache_of, is_prefix, soft_prompt, virtual_tokens
-from ..manifest import TaskEntry
 from ..templates import Template
 from .folder import portable_base
 

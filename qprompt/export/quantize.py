@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..deploy.runtime import QUANTIZATIONS
 from ..errors import QPromptError
 from ..int4 import Int4Scheme
-from ..runtime import QUANTIZATIONS
 
 BNB4 = ("nf4", "fp4")  # bitsandbytes 4-bit formats, reproduced exactly from the quantized base
 

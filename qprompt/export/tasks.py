@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import owned
+from ..deploy.manifest import EXPORT_MANIFEST, ExportManifest, TaskEntry
+from ..deploy.runtime import ExportedModel
 from ..errors import ExportError, QPromptError
-from ..manifest import EXPORT_MANIFEST, ExportManifest, TaskEntry
-from ..runtime import ExportedModel
 from .folder import install_export, portable_base
 from .parity import PARITY_REL, PARITY_REL_FUSED, parity, passed
 from .prefix import TaskSource, load_task

@@ -15,8 +15,8 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import ExportError
-from .templates import Template
+from ..errors import ExportError
+from ..templates import Template
 
 EXPORT_MANIFEST = "qprompt-export.json"
 FORMAT_NAME = "qprompt-export"
@@ -175,7 +175,7 @@ class ExportManifest:
                 raise ExportError(f"{path}: tasks[{i}].label_targets must be an object; {fix}")
         if missing:
             raise ExportError(f"{path} lacks the key {missing[0]!r}; {fix}")
-        from .owned import plain
+        from ..owned import plain
 
         for name in [data["model_file"], *(data.get("files") or {})]:
             if not isinstance(name, str) or not plain(name):

@@ -7,7 +7,7 @@ cache for generation, and classification by label log-likelihood. It drives both
 past and present and written in place, with right-padded batches; a written-out graph returns a longer
 cache each call, with left-padded batches.
 
-    from qprompt.runtime import ExportedModel
+    from qprompt.deploy.runtime import ExportedModel
     m = ExportedModel("export/")
     m.generate(["a warm, funny film"], max_new_tokens=8)
     m.classify([{"text": "a warm, funny film"}])          # -> ["positive"]
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExportError
+from ..errors import ExportError
 from .manifest import EXPORT_MANIFEST, ExportManifest, TaskEntry, read_json
 
 # none: fp32 only. int8: weight-only, 8-bit blocks of 32 (MatMulNBits). int8-dynamic: int8 weights and
@@ -136,7 +136,7 @@ class ExportedModel:
 
         self.folder = Path(folder)
         self.manifest = m = ExportManifest.read(folder)
-        from .owned import plain
+        from ..owned import plain
 
         if model_file is not None and not plain(model_file):
             raise ExportError(f"--model-file {model_file!r} is not a file name in {folder}: name a graph in the folder")
