@@ -111,12 +111,13 @@ def load(port: int, prompts: list[str], clients: int, per_client: int, max_token
 @click.option("--levels", default=",".join(map(str, LEVELS)), show_default=True, help="Concurrent clients.")
 @click.option("--level-timeout", default=300.0, show_default=True, help="Seconds before a level stops sending.")
 @click.option("--threads", type=int, default=None, help="The server's ONNX Runtime threads [default: all cores].")
+@click.option("--data", default=str(DATA), show_default=True, help="Rows whose `text` the requests send.")
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "serve.json"), show_default=True)
-def main(export_dir, max_tokens, requests_per_client, levels, level_timeout, threads, json_out):
+def main(export_dir, max_tokens, requests_per_client, levels, level_timeout, threads, data, json_out):
     sys.path.insert(0, str(ROOT))
     from qprompt.data import read_rows
 
-    prompts = [r["text"] for r in read_rows(str(DATA))[:256]]
+    prompts = [r["text"] for r in read_rows(data)[:256]]
     results = {"command": " ".join(sys.argv), "export": Path(export_dir).name, "max_tokens": max_tokens,
                "requests_per_client": requests_per_client, "modes": {}}
     # Both servers run from the start, and each level loads one, then the other: a slower stretch of this shared

@@ -49,10 +49,13 @@ def peak_rss_mb(folders: list[Path]) -> float:
     return round(float(done.stdout.strip().splitlines()[-1]), 1)
 
 
-def test_rows(artifact: Path, rows: int) -> list[dict]:
+def test_rows(artifact: Path, rows: int, path: str | None = None) -> list[dict]:
+    """The first `rows` test rows: from `path`, else the artifact's recipe's own test split."""
     from qprompt.artifact import read_manifest, recipe_of
-    from qprompt.data import load_splits
+    from qprompt.data import load_splits, read_rows
 
+    if path:
+        return read_rows(path)[:rows]
     recipe = recipe_of(read_manifest(artifact))
     return load_splits(recipe)["test"][:rows]
 
@@ -77,12 +80,15 @@ def score(model, task: str | None, rows: list[dict], kind: str, label_field: str
 @click.option("--parts", default="metrics,size,throughput", show_default=True,
               help="Which parts to run; results merge into an existing --out file.")
 @click.option("--throughput-rows", default=64, show_default=True, help="Test rows per task in the throughput part.")
+@click.option("--test-data", "test_files", multiple=True, help="NAME=FILE: that task's test rows [default: its "
+              "recipe's test split].")
 @click.option("--out", "json_out", default=str(ROOT / "bench" / "results" / "tasks.json"), show_default=True)
-def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, json_out):
+def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, test_files, json_out):
     from qprompt.deploy.runtime import ExportedModel
     from qprompt.export import export
 
     named = dict(a.split("=", 1) for a in artifacts)
+    test_files = dict(t.split("=", 1) for t in test_files)
     names, paths = list(named), [Path(p) for p in named.values()]
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,7 @@ def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, 
     for name in names if "metrics" in parts else []:
         task = full.task(name)
         n = rows if task.kind == "classification" else generation_rows
-        test = test_rows(Path(named[name]), n)
+        test = test_rows(Path(named[name]), n, test_files.get(name))
         alone = ExportedModel(singles[name], threads=2)
         labels = list(task.label_targets)
         metrics[name] = {"rows": len(test),
@@ -147,7 +153,7 @@ def main(artifacts, rows, generation_rows, batch, work, parts, throughput_rows, 
     if "throughput" not in parts:
         return
     classification = [n for n in names if full.task(n).kind == "classification"]
-    per_task = {n: [full.prompt_ids(r, task=n) for r in test_rows(Path(named[n]), throughput_rows)]
+    per_task = {n: [full.prompt_ids(r, task=n) for r in test_rows(Path(named[n]), throughput_rows, test_files.get(n))]
                 for n in classification}
     count = min(len(v) for v in per_task.values())
     mixed = [(n, per_task[n][i]) for i in range(count) for n in classification]

@@ -121,8 +121,11 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     elapsed = time.perf_counter() - start
     model.eval()
     metrics = evaluate(model, tokenizer, recipe, test, where)
-    if kind == "lora":  # the artifact a user keeps: the adapter
+    if kind == "lora":  # the artifact a user keeps: the adapter, and what `qprompt export` needs to deploy it
+        from .export.lora import write_record
+
         model.save_pretrained(output)
+        write_record(output, recipe, quant, info.to_dict())
         size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     else:  # the whole model, as safetensors would hold it (not written: it is the base's size)
         size = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -586,7 +586,8 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
                    keep_float, accuracy_level, opset, parity_tokens, overwrite):
     """Merge soft prompts into an ONNX graph (constant KV prefix) and check it against PyTorch.
 
-    One artifact: a graph for its task. Several (trained on the same base): one graph serving all of
+    One artifact: a graph for its task (a LoRA adapter from `qprompt job --baselines lora`: merged into its
+    base, exported the same way). Several (trained on the same base): one graph serving all of
     them, each row of a batch with its own task. --add/--remove change such a graph in place."""
     from .export import add_task, export, remove_task
 
@@ -604,9 +605,18 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
         return
     if not artifacts or not output:
         raise QPromptError("give ARTIFACTS and --output DIR (or --add/--remove with --to)")
-    data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
-                  multi_task=multi_task, prefix_slots=prefix_slots, graph=graph, keep_float=keep_float,
-                  accuracy_level=accuracy_level, ensemble=ensemble)
+    from .export.lora import export_lora, is_lora
+
+    if any(is_lora(a) for a in artifacts):
+        if len(artifacts) > 1 or multi_task or ensemble:
+            raise QPromptError("a LoRA adapter is merged into its base and exports alone: give it as the only "
+                               "ARTIFACT, without --multi-task or --ensemble")
+        data = export_lora(artifacts[0], output, quantize, overwrite, parity_tokens, graph=graph,
+                           keep_float=keep_float, accuracy_level=accuracy_level, opset=opset)
+    else:
+            data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
+                      multi_task=multi_task, prefix_slots=prefix_slots, graph=graph, keep_float=keep_float,
+                      accuracy_level=accuracy_level, ensemble=ensemble)
     for task in data.tasks:
         p = task.parity
         twin = p.get("float_compute_twin")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-weight Llama with a real (small) BPE tokenizer, and real data slices.
+"""Shared fixtures: a tiny random-weight Llama with a real (small) BPE tokenizer, real data slices, and trained
+artifacts made once per session (tests/kit.py holds the plain helpers).
 
 The tiny model is built from a config, so no weights are downloaded; its tokenizer is trained on the
 test data itself in well under a second. Data comes from tests/data (small committed slices of the
@@ -7,29 +8,12 @@ real task data; tests/data/README.md names their sources and licences).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 
-TEST_DATA = Path(__file__).resolve().parent / "data"
-
-
-def data_rows(task: str, split: str, n: int | None = None) -> list[dict]:
-    """The first `n` rows of a committed slice (tests/data/TASK-SPLIT.jsonl); all of them for None.
-
-    A missing file or too few rows fail the test: nothing here may be skipped for want of data."""
-    path = TEST_DATA / f"{task}-{split}.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    if n is not None and len(rows) < n:
-        raise AssertionError(f"{path} has {len(rows)} rows, the test needs {n}")
-    return rows[:n]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.kit import data_rows, train_small, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -80,46 +64,35 @@ def sentiment_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def tiny_recipe(tiny_model_dir):
     """The real sentiment recipe, shrunk to a few fast steps on the tiny model."""
-    from qprompt.config import load_recipe, override
+    from tests.kit import small_recipe
 
-    return override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none",
-                    method__virtual_tokens=4, train__max_steps=6, train__batch_size=8, train__lr=0.1,
-                    train__eval_every=3, train__eval_rows=16, train__log_every=1, train__warmup_steps=1)
+    return small_recipe(tiny_model_dir, train__max_steps=6, train__eval_every=3, train__eval_rows=16,
+                        train__log_every=1, train__warmup_steps=1)
 
 
 @pytest.fixture(scope="session")
-def sentiment_export(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
+def artifact_factory(tiny_model_dir, sentiment_files, tmp_path_factory):
+    """`artifact_factory(name="artifact", **changes)`: a tiny sentiment artifact (tests/kit.py's small recipe with
+    `changes`) in a folder called `name` (an export's task name), trained once per session for each name and set of
+    changes and shared: read it, never change it (copy it first)."""
+    made: dict[tuple, Path] = {}
+
+    def make(name: str = "artifact", **changes) -> Path:
+        key = (name, *sorted(changes.items()))
+        if key not in made:
+            made[key] = train_small(tiny_model_dir, sentiment_files, tmp_path_factory.mktemp("artifact") / name,
+                                    **changes)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sentiment_export(artifact_factory, tmp_path_factory) -> Path:
     """A prompt-tuning export (fp32) of the tiny model, trained a few steps on the sentiment slice: for the
     tests of what runs an export (the server, the deploy-only install)."""
-    from qprompt.config import load_recipe, override
-    from qprompt.data import load_splits
     from qprompt.export import export
-    from qprompt.models import load_model
-    from qprompt.train import train
 
-    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
-                      train__max_steps=4, train__batch_size=8, train__lr=0.1, train__eval_every=0,
-                      train__eval_rows=8)
-    model, tok, info = load_model(recipe.model, recipe.quant)
     folder = tmp_path_factory.mktemp("sentiment-export")
-    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
-    train(recipe, model, tok, info, splits, folder / "artifact", progress=False)
-    export(folder / "artifact", folder / "export", parity_tokens=4)
+    export(artifact_factory(train__max_steps=4), folder / "export", parity_tokens=4)
     return folder / "export"
-
-
-def ctrl_c_at(monkeypatch, call: int):
-    """Ctrl-C during the `call`-th micro-batch of training (qprompt.train.target_logprobs); returns the real function,
-    to set back for the resumed run."""
-    import qprompt.train as qtrain
-
-    real, calls = qtrain.target_logprobs, {"n": 0}
-
-    def flaky(model, batch):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(model, batch)
-
-    monkeypatch.setattr(qtrain, "target_logprobs", flaky)
-    return real

@@ -12,6 +12,7 @@ from qprompt.config import load_recipe, override
 from qprompt.data import read_rows
 from qprompt.evaluate import evaluate
 from qprompt.models import load_model
+from tests.kit import assert_one_error, cli
 
 
 def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_model_dir, sentiment_files, tmp_path):
@@ -63,3 +64,29 @@ def test_a_time_budget_trains_as_many_steps_as_fit_in_the_soft_prompts_time(tiny
     test = read_rows(str(sentiment_files["test"]))[:8]
     row = baselines.finetune("lora", recipe, splits, test, "test rows", 2, tmp_path / "lora", seconds=20.0)
     assert row["steps"] == 4 and row["train_seconds"] == 20.0 and row["rows"] == 8
+
+
+def test_the_lora_baseline_exports_merged_into_its_base(tiny_model_dir, sentiment_files, tmp_path):
+    """`qprompt export RUN/baselines/lora`: the adapter merged into the nf4 values it trained on, the graph checked
+    against that model in PyTorch, and `qprompt eval` of the graph scoring the rows as the job's LoRA row did."""
+    out, report = tmp_path / "job", tmp_path / "job.json"
+    args = ["job", "sentiment", "--model", tiny_model_dir, "--quant", "nf4", "--data", sentiment_files["train"],
+            "--eval-data", sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 2,
+            "--virtual-tokens", 4, "--output", out, "--json", report, "--baselines", "lora", "train.batch_size=8"]
+    assert cli(*args).exit_code == 0
+    lora = json.loads(report.read_text())["baselines"]["lora"]
+    exported = cli("export", out / "baselines" / "lora", "--output", tmp_path / "export", "--parity-tokens", 4)
+    assert exported.exit_code == 0, exported.output
+    manifest = json.loads((tmp_path / "export" / "qprompt-export.json").read_text())
+    task = manifest["tasks"][0]
+    assert task["virtual_tokens"] == 0 and task["source"]["method"] == "lora" and task["name"] == "lora"
+    assert task["parity"]["exact"] and task["parity"]["max_abs_logit_diff"] <= task["parity"]["tolerance"]
+    assert manifest["base"]["name"].endswith("+ LoRA lora")
+    scored = cli("eval", tmp_path / "export", "--data", sentiment_files["test"], "--json", tmp_path / "eval.json")
+    assert scored.exit_code == 0, scored.output
+    # The same model in float32 either way: a label can flip only where two labels' scores differ by less than
+    # the graph's rounding (its parity tolerance), so at most one row of 32 may differ.
+    assert abs(json.loads((tmp_path / "eval.json").read_text())["accuracy"] - lora["accuracy"]) <= 1 / 32
+
+    refused = cli("export", out / "baselines" / "lora", out, "--output", tmp_path / "two")
+    assert_one_error(refused, "a LoRA adapter is merged into its base and exports alone")

@@ -8,11 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qprompt.config import load_recipe, override
-from qprompt.data import load_splits
-from qprompt.models import load_model
-from qprompt.train import train
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,16 +16,10 @@ def bench(script: str, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_the_ensemble_benchmark_scores_its_members_and_their_vote(tiny_model_dir, sentiment_files, tmp_path):
+def test_the_ensemble_benchmark_scores_its_members_and_their_vote(artifact_factory, sentiment_files, tmp_path):
     artifacts = []
     for seed in (0, 1):
-        recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
-                          train__max_steps=2, train__batch_size=8, train__lr=0.1, train__eval_every=0,
-                          train__eval_rows=8, train__seed=seed)
-        model, tok, info = load_model(recipe.model, recipe.quant)
-        splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
-        train(recipe, model, tok, info, splits, tmp_path / f"s{seed}", progress=False)
-        artifacts += ["--artifact", tmp_path / f"s{seed}"]
+        artifacts += ["--artifact", artifact_factory(train__seed=seed)]
     out = tmp_path / "ensemble.json"
     done = bench("ensemble.py", *artifacts, "--data", sentiment_files["test"], "--work", tmp_path / "graph",
                  "--out", out)
@@ -48,3 +37,61 @@ def test_the_families_benchmark_exports_a_family(tmp_path):
     llama = json.loads(out.read_text())["families"]["llama"]
     assert llama["none"]["graph"] == "fused" and llama["int4"]["graph"] == "fused"
     assert llama["none"]["max_abs_logit_diff"] <= llama["none"]["tolerance"]
+
+
+def test_the_serve_benchmark_loads_both_modes(sentiment_export, sentiment_files, tmp_path):
+    out = tmp_path / "serve.json"
+    done = bench("serve.py", "--export", sentiment_export, "--levels", "1,2", "--requests-per-client", 1,
+                 "--max-tokens", 2, "--threads", 1, "--data", sentiment_files["test"], "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert list(modes) == ["batched", "one-at-a-time"]
+    for mode in modes.values():
+        assert [(level["clients"], level["requests"], level["errors"]) for level in mode["levels"]] == [(1, 1, 0),
+                                                                                                       (2, 2, 0)]
+        assert mode["server_metrics"]["forward_passes"] > 0
+
+
+def test_the_train_speed_benchmark_runs_both_trainers(tmp_path):
+    out = tmp_path / "speed.json"
+    done = bench("train_speed.py", "--arch", "tiny", "--quant", "none", "--steps", 3, "--batch", 2, "--seq-len", 16,
+                 "--virtual-tokens", 4, "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"qprompt", "peft-trainer"}
+    assert result["ratios"]["tokens_per_s"] == result["runs"]["qprompt"]["tokens_per_s"] / \
+        result["runs"]["peft-trainer"]["tokens_per_s"]
+
+
+def test_the_tasks_benchmark_scores_each_task_in_the_task_graph_as_in_its_own(artifact_factory, sentiment_files,
+                                                                            tmp_path):
+    artifacts = {"pt": artifact_factory(), "prefix": artifact_factory(method__name="prefix-tuning",
+                                                                       method__virtual_tokens=6)}
+    args = [a for name, path in artifacts.items() for a in ("--artifact", f"{name}={path}",
+                                                             "--test-data", f"{name}={sentiment_files['test']}")]
+    out = tmp_path / "tasks.json"
+    done = bench("tasks.py", *args, "--rows", 8, "--parts", "metrics,size", "--work", tmp_path / "work", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for name in artifacts:
+        scores = result["metrics"][name]
+        assert scores["rows"] == 8 and scores["task_graph"]["accuracy"] == scores["own_graph"]["accuracy"]
+    assert set(result["size"]) == {"1", "2"}
+
+
+def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment_files, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkept text\n")
+    job = ["--model", tiny_model_dir, "--quant", "none", "--data", sentiment_files["train"], "--eval-data",
+           sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 2,
+           "--virtual-tokens", 4, "train.batch_size=8", "train.eval_every=0"]
+    done = bench("baselines.py", "--recipes", "sentiment", "--baselines", "hard,lora", "--budget", "steps",
+                 "--work", tmp_path / "work", "--results", tmp_path / "results", "--doc", doc, "--", *job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "results" / "sentiment.json").read_text())
+    assert report["baselines"]["lora"]["steps"] == report["soft_prompt"]["steps"] == 2
+    assert report["command"].startswith("qprompt job sentiment --baselines hard,lora --baseline-budget steps")
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkept text\n")
+    rows = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| sentiment |")]
+    assert rows == ["hard prompt 0-shot", "soft prompt", "LoRA"]

@@ -3,22 +3,8 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from qprompt.cli import main
-from tests.conftest import write_jsonl
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_clean_error(result, text):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error: ") and text in lines[-1], result.output
-    assert "Traceback" not in result.output
-
+from tests.kit import assert_one_error, cli, write_jsonl
 
 TRAIN = ["--virtual-tokens", 4, "--max-steps", 4, "--batch-size", 8, "--eval-every", 2, "--lr", 0.1, "--quant", "nf4"]
 
@@ -26,7 +12,7 @@ TRAIN = ["--virtual-tokens", 4, "--max-steps", 4, "--batch-size", 8, "--eval-eve
 @pytest.fixture(scope="module")
 def artifact(tiny_model_dir, sentiment_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "art"
-    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
+    result = cli("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
                  "--eval-data", sentiment_files["validation"], "--output", out, *TRAIN)
     assert result.exit_code == 0, result.output
     assert f"saved soft prompt to {out} (accuracy" in result.output
@@ -35,7 +21,7 @@ def artifact(tiny_model_dir, sentiment_files, tmp_path_factory):
 
 def test_eval_artifact_and_baseline(artifact, tiny_model_dir, sentiment_files, tmp_path):
     report = tmp_path / "m.json"
-    result = run("eval", artifact, "--data", sentiment_files["test"], "--json", report)
+    result = cli("eval", artifact, "--data", sentiment_files["test"], "--json", report)
     assert result.exit_code == 0, result.output
     assert f"soft prompt {artifact}: accuracy" in result.output and "(32 rows" in result.output
     data = json.loads(report.read_text())
@@ -43,48 +29,48 @@ def test_eval_artifact_and_baseline(artifact, tiny_model_dir, sentiment_files, t
     gold = [json.loads(line)["label"] for line in sentiment_files["test"].read_text().splitlines()]
     assert len(data["predictions"]) == 32
     assert data["accuracy"] == sum(p == g for p, g in zip(data["predictions"], gold)) / 32
-    result = run("eval", "--baseline", "hard-prompt", "--model", tiny_model_dir, "--recipe", "sentiment",
+    result = cli("eval", "--baseline", "hard-prompt", "--model", tiny_model_dir, "--recipe", "sentiment",
                  "--data", sentiment_files["test"], "--quant", "none", "--limit", 10)
     assert result.exit_code == 0, result.output
     assert "hard-prompt 0-shot baseline" in result.output and "(10 rows" in result.output
-    result = run("eval", "--baseline", "hard-prompt", "--shots", 3, "--train-data", sentiment_files["train"],
+    result = cli("eval", "--baseline", "hard-prompt", "--shots", 3, "--train-data", sentiment_files["train"],
                  "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["test"],
                  "--quant", "none", "--limit", 4)
     assert result.exit_code == 0 and "hard-prompt 3-shot baseline" in result.output, result.output
-    assert_clean_error(run("eval", artifact, "--shots", 2, "--data", sentiment_files["test"]), "--shots applies")
+    assert_one_error(cli("eval", artifact, "--shots", 2, "--data", sentiment_files["test"]), "--shots applies")
 
 
 def test_generate(artifact):
-    result = run("generate", artifact, "--prompt", "a warm and funny film", "--max-new-tokens", 5)
+    result = cli("generate", artifact, "--prompt", "a warm and funny film", "--max-new-tokens", 5)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] in ("label: positive", "label: negative")
 
 
 def test_recipes_listing():
-    result = run("recipes")
+    result = cli("recipes")
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()[:4]] == ["nli", "sentiment", "spam", "summarize"]
-    shown = run("recipes", "sentiment")
+    shown = cli("recipes", "sentiment")
     assert "python recipes/sentiment.py" in shown.output
 
 
 def test_bad_input_gives_one_line_errors(artifact, tiny_model_dir, sentiment_files, tmp_path):
     train = ["train", "--model", tiny_model_dir, "--recipe", "sentiment", *TRAIN]
-    assert_clean_error(run(*train, "--data", tmp_path / "none.jsonl"), "does not exist")
+    assert_one_error(cli(*train, "--data", tmp_path / "none.jsonl"), "does not exist")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok", "label": "positive"}\n{"text": "broken"\n')
-    assert_clean_error(run(*train, "--data", bad), "line 2 is not valid JSON")
+    assert_one_error(cli(*train, "--data", bad), "line 2 is not valid JSON")
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "x", "label": "positive"}, {"text": "y", "label": "meh"}])
-    assert_clean_error(run(*train, "--data", wrong, "--eval-data", wrong, "--output", tmp_path / "o"),
+    assert_one_error(cli(*train, "--data", wrong, "--eval-data", wrong, "--output", tmp_path / "o"),
                        "line 2 has label 'meh'")
-    assert_clean_error(run("train", "--recipe", "nope"), "unknown recipe 'nope'")
-    assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", artifact), "already holds")
-    assert_clean_error(run(*train, "--data", sentiment_files["train"], "--output", tmp_path / "new", "--resume"),
+    assert_one_error(cli("train", "--recipe", "nope"), "unknown recipe 'nope'")
+    assert_one_error(cli(*train, "--data", sentiment_files["train"], "--output", artifact), "already holds")
+    assert_one_error(cli(*train, "--data", sentiment_files["train"], "--output", tmp_path / "new", "--resume"),
                        "nothing to resume")
-    assert_clean_error(run("eval", tmp_path, "--data", sentiment_files["test"]), "not a qprompt artifact")
-    assert_clean_error(run("eval", "--baseline", "hard-prompt", "--model", "no such model", "--data",
+    assert_one_error(cli("eval", tmp_path, "--data", sentiment_files["test"]), "not a qprompt artifact")
+    assert_one_error(cli("eval", "--baseline", "hard-prompt", "--model", "no such model", "--data",
                            sentiment_files["test"]), "unknown model")
-    assert_clean_error(run("eval", artifact, "--data", bad), "line 2 is not valid JSON")  # before any model load
+    assert_one_error(cli("eval", artifact, "--data", bad), "line 2 is not valid JSON")  # before any model load
 
 
 def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment_files, tmp_path):
@@ -95,8 +81,8 @@ def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment
     config.num_hidden_layers = 1
     AutoModelForCausalLM.from_config(config).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
-    result = run("eval", artifact, "--model", other, "--data", sentiment_files["test"])
-    assert_clean_error(result, "was trained on")
+    result = cli("eval", artifact, "--model", other, "--data", sentiment_files["test"])
+    assert_one_error(result, "was trained on")
     assert f"pass --model {tiny_model_dir}" in result.output
     # The same name now loading another model: the advice is not to pass the name it already is.
     import shutil
@@ -106,8 +92,8 @@ def test_artifact_on_another_base_is_refused(artifact, tiny_model_dir, sentiment
     manifest = json.loads((moved / "qprompt.json").read_text())
     manifest["base"]["name"] = str(other)
     (moved / "qprompt.json").write_text(json.dumps(manifest))
-    result = run("eval", moved, "--data", sentiment_files["test"])
-    assert_clean_error(result, "now loads a model with fingerprint")
+    result = cli("eval", moved, "--data", sentiment_files["test"])
+    assert_one_error(result, "now loads a model with fingerprint")
     assert "put the original model back" in result.output
     assert "--model" not in result.output
 
@@ -129,21 +115,21 @@ def test_ci_runs_the_readme_install_and_test_commands_in_a_fresh_venv():
 
 def test_export_run_and_eval_an_export(artifact, sentiment_files, tmp_path):
     out = tmp_path / "exp"
-    result = run("export", artifact, "--output", out)
+    result = cli("export", artifact, "--output", out)
     assert result.exit_code == 0, result.output
     assert "greedy tokens equal: True" in result.output and "model.onnx: none" in result.output
-    result = run("run", out, "--prompt", "a warm and funny film", "--max-new-tokens", 4)
+    result = cli("run", out, "--prompt", "a warm and funny film", "--max-new-tokens", 4)
     assert result.exit_code == 0, result.output
-    result = run("run", out, "--input", sentiment_files["test"], "--classify", "--batch-size", 16)
+    result = cli("run", out, "--input", sentiment_files["test"], "--classify", "--batch-size", 16)
     assert result.exit_code == 0, result.output
     assert len(result.output.splitlines()) == 32
-    torch_eval = run("eval", artifact, "--data", sentiment_files["test"])
-    onnx_eval = run("eval", out, "--data", sentiment_files["test"])
+    torch_eval = cli("eval", artifact, "--data", sentiment_files["test"])
+    onnx_eval = cli("eval", out, "--data", sentiment_files["test"])
     assert onnx_eval.exit_code == 0, onnx_eval.output
     accuracy = [line.split("accuracy ")[1].split()[0] for line in (torch_eval.output, onnx_eval.output)]
     assert accuracy[0] == accuracy[1]  # the fp32 graph gives the PyTorch model's predictions
-    assert_clean_error(run("export", artifact, "--output", out), "already holds an export")
-    assert_clean_error(run("run", tmp_path, "--prompt", "x"), "not a qprompt export")
+    assert_one_error(cli("export", artifact, "--output", out), "already holds an export")
+    assert_one_error(cli("run", tmp_path, "--prompt", "x"), "not a qprompt export")
 
 
 def test_training_runs_unchanged_under_accelerate_launch(tiny_model_dir, sentiment_files, tmp_path):
@@ -171,7 +157,7 @@ def test_training_runs_unchanged_under_accelerate_launch(tiny_model_dir, sentime
 def test_another_method_gets_its_own_learning_rate(tiny_model_dir, sentiment_files, tmp_path, extra, lr):
     """The recipe's 0.03 is for prompt tuning: p-tuning gets the rate measured for it unless --lr says otherwise."""
     out = tmp_path / "pt"
-    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--method", "p-tuning",
+    result = cli("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--method", "p-tuning",
                  "--data", sentiment_files["train"], "--eval-data", sentiment_files["validation"],
                  "--max-steps", 1, "--batch-size", 4, "--eval-every", 0, "--quant", "none", "--output", out, *extra)
     assert result.exit_code == 0, result.output
@@ -216,13 +202,13 @@ def test_the_main_job_as_a_command_and_as_a_recipe_script(tiny_model_dir, sentim
     options = ["--model", tiny_model_dir, "--quant", "none", "--data", sentiment_files["train"], "--eval-data",
                sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 2,
                "--virtual-tokens", 4, "--output", tmp_path / "job", "--json", tmp_path / "job.json"]
-    first = run("job", "sentiment", *options)
+    first = cli("job", "sentiment", *options)
     assert first.exit_code == 0, first.output
     table = [line for line in first.output.splitlines() if line.startswith(("hard prompt (", "soft prompt ("))]
     assert len(table) == 2 and all(line[24:].split()[1] == "32" for line in table)  # 32 test rows each
     result = json.loads((tmp_path / "job.json").read_text())
     assert result["training"]["steps"] == 2 and result["soft_prompt"]["rows"] == 32
-    again = CliRunner().invoke(sentiment_script, [str(a) for a in options])
+    again = cli(*options, command=sentiment_script)
     assert again.exit_code == 0, again.output
     assert [line for line in again.output.splitlines() if line.startswith(("hard prompt (", "soft prompt ("))] == table
     assert json.loads((tmp_path / "job.json").read_text())["training"] == result["training"]  # reused, not retrained
@@ -232,7 +218,7 @@ def test_any_recipe_key_is_a_setting_after_the_options(tiny_model_dir, sentiment
     """SECTION.KEY=VALUE after the options sets the recipe's key (read as YAML, applied after the flags); the
     trained run's manifest holds it. A key the recipe does not have, or a value of the wrong type, is one line."""
     out = tmp_path / "set"
-    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
+    result = cli("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
                  "--eval-data", sentiment_files["validation"], "--output", out, *TRAIN,
                  "train.patience=1", "train.lr=2e-2", "method.init=labels", "data.max_length=96")
     assert result.exit_code == 0, result.output
@@ -240,8 +226,8 @@ def test_any_recipe_key_is_a_setting_after_the_options(tiny_model_dir, sentiment
     assert (recipe["train"]["patience"], recipe["train"]["lr"]) == (1, 0.02)  # the setting beat --lr 0.1
     assert (recipe["method"]["init"], recipe["data"]["max_length"]) == ("labels", 96)
     base = ["job", "sentiment", "--model", tiny_model_dir, "--output", tmp_path / "bad"]
-    assert_clean_error(run(*base, "train.patiense=2"), "'train.patiense' is not a recipe key; known keys of train:")
-    assert_clean_error(run(*base, "training.lr=1"), "'training' is not a recipe section; the sections are")
-    assert_clean_error(run(*base, "train.max_steps=many"), "must be an integer, got 'many'")
-    assert_clean_error(run(*base, "train.patience"), "write it as section.field=value")
+    assert_one_error(cli(*base, "train.patiense=2"), "'train.patiense' is not a recipe key; known keys of train:")
+    assert_one_error(cli(*base, "training.lr=1"), "'training' is not a recipe section; the sections are")
+    assert_one_error(cli(*base, "train.max_steps=many"), "must be an integer, got 'many'")
+    assert_one_error(cli(*base, "train.patience"), "write it as section.field=value")
     assert not (tmp_path / "bad").exists()

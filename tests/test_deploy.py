@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from qprompt.deploy.runtime import ExportedModel, Sampling
-from tests.conftest import data_rows
+from tests.kit import data_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "onnx", "safetensors")

@@ -11,35 +11,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from qprompt.cli import main
 from qprompt.errors import QPromptError
-from tests.conftest import data_rows, write_jsonl
+from tests.kit import assert_one_error, cli, data_rows, write_jsonl
 
 NO_MODEL = "/no/such/model-folder"  # loading it fails with "unknown model": any other error came first
-
-
-def run(*args, command=main):
-    return CliRunner().invoke(command, [str(a) for a in args])
-
-
-def assert_one_error(result, *words: str) -> str:
-    """Exit code 2, exactly one `error:` line holding each of `words`, and no traceback."""
-    assert result.exit_code == 2, (result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output
-    print(errors[0])  # shown with -s: the messages users see
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("errors") / "art"
-    result = run("train", "--model", tiny_model_dir, "--data", sentiment_files["train"], "--eval-data",
+    result = cli("train", "--model", tiny_model_dir, "--data", sentiment_files["train"], "--eval-data",
                  sentiment_files["validation"], "--output", out, "--quant", "none", "--virtual-tokens", 4,
                  "--max-steps", 2, "--batch-size", 8, "--eval-every", 0)
     assert result.exit_code == 0, result.output
@@ -49,7 +31,7 @@ def artifact(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(artifact) -> Path:
     out = artifact.parent / "export"
-    result = run("export", artifact, "--output", out, "--parity-tokens", 2)
+    result = cli("export", artifact, "--output", out, "--parity-tokens", 2)
     assert result.exit_code == 0, result.output
     return out
 
@@ -76,10 +58,10 @@ def test_damaged_adapter_weights(artifact, tmp_path, damage):
                     ["export", art, "--output", tmp_path / "exp"]):
         if command[0] == "eval":
             write_jsonl(command[-1], [{"text": "fine", "label": "positive"}])
-        assert_one_error(run(*command), "adapter_model.safetensors is damaged", "copy the artifact again")
+        assert_one_error(cli(*command), "adapter_model.safetensors is damaged", "copy the artifact again")
     assert not (tmp_path / "exp").exists()
     weights.unlink()
-    assert_one_error(run("generate", art, "--prompt", "x"), "no adapter_model.safetensors", "train again")
+    assert_one_error(cli("generate", art, "--prompt", "x"), "no adapter_model.safetensors", "train again")
 
 
 # 2 and 16 -----------------------------------------------------------------------------------------
@@ -95,8 +77,8 @@ def test_damaged_adapter_weights(artifact, tmp_path, damage):
 ])
 def test_config_values_are_type_checked(tmp_path, yaml_text, words):
     path = config_file(tmp_path, "name: t\ntask: generation\nmethod: {init: random}\n" + yaml_text)
-    assert_one_error(run("train", "--config", path, "--model", NO_MODEL), *words)
-    assert_one_error(run("eval", "--baseline", "hard-prompt", "--config", path, "--model", NO_MODEL), *words)
+    assert_one_error(cli("train", "--config", path, "--model", NO_MODEL), *words)
+    assert_one_error(cli("eval", "--baseline", "hard-prompt", "--config", path, "--model", NO_MODEL), *words)
 
 
 def test_an_int_is_a_float_and_an_empty_section_is_its_defaults(tmp_path):
@@ -112,11 +94,11 @@ def test_eval_baseline_accepts_config(tiny_model_dir, sentiment_files, tmp_path)
 
     text = (recipes_dir() / "sentiment.yaml").read_text()
     path = config_file(tmp_path, text + f"\nmodel: {tiny_model_dir}\nquant: none\n")
-    result = run("eval", "--baseline", "hard-prompt", "--config", path, "--data", sentiment_files["test"],
+    result = cli("eval", "--baseline", "hard-prompt", "--config", path, "--data", sentiment_files["test"],
                  "--limit", 4)
     assert result.exit_code == 0, result.output
     assert f"hard-prompt 0-shot baseline ({tiny_model_dir}, none)" in result.output
-    assert_one_error(run("eval", "--baseline", "hard-prompt", "--config", path, "--recipe", "sentiment"),
+    assert_one_error(cli("eval", "--baseline", "hard-prompt", "--config", path, "--recipe", "sentiment"),
                      "either --recipe or --config")
 
 
@@ -161,8 +143,8 @@ def test_damaged_artifact_manifest(artifact, sentiment_files, tmp_path, damage, 
     art = copy_of(artifact, tmp_path)
     manifest = art / "qprompt.json"
     manifest.write_bytes(damage(json.loads(manifest.read_text())))
-    assert_one_error(run("eval", art, "--data", sentiment_files["test"]), "qprompt.json", *words)
-    assert_one_error(run("generate", art, "--prompt", "x"), *words)
+    assert_one_error(cli("eval", art, "--data", sentiment_files["test"]), "qprompt.json", *words)
+    assert_one_error(cli("generate", art, "--prompt", "x"), *words)
 
 
 @pytest.mark.parametrize(("damage", "words"), [
@@ -179,24 +161,24 @@ def test_damaged_export_manifest(exported, sentiment_files, tmp_path, damage, wo
     exp = copy_of(exported, tmp_path)
     manifest = exp / "qprompt-export.json"
     manifest.write_bytes(damage(json.loads(manifest.read_text())))
-    assert_one_error(run("run", exp, "--prompt", "a fine film"), "qprompt-export.json", *words)
-    assert_one_error(run("eval", exp, "--data", sentiment_files["test"]), *words)
+    assert_one_error(cli("run", exp, "--prompt", "a fine film"), "qprompt-export.json", *words)
+    assert_one_error(cli("eval", exp, "--data", sentiment_files["test"]), *words)
 
 
 # 5 ------------------------------------------------------------------------------------------------
 def test_damaged_tokenizer_in_an_export(exported, sentiment_files, tmp_path):
     exp = copy_of(exported, tmp_path)
     (exp / "tokenizer.json").write_text('{"model": ')
-    assert_one_error(run("run", exp, "--prompt", "a fine film"), "tokenizer.json is damaged", "export again")
-    assert_one_error(run("eval", exp, "--data", sentiment_files["test"]), "tokenizer.json is damaged")
+    assert_one_error(cli("run", exp, "--prompt", "a fine film"), "tokenizer.json is damaged", "export again")
+    assert_one_error(cli("eval", exp, "--data", sentiment_files["test"]), "tokenizer.json is damaged")
 
 
 def test_damaged_tokenizer_in_a_base_model_folder(artifact, tiny_model_dir, sentiment_files, tmp_path):
     base = copy_of(tiny_model_dir, tmp_path)
     (base / "tokenizer.json").write_text("{")
     words = ["tokenizer.json is damaged", "copy the model folder again"]
-    assert_one_error(run("eval", artifact, "--model", base, "--data", sentiment_files["test"]), *words)
-    assert_one_error(run("train", "--model", base, "--data", sentiment_files["train"], "--output",
+    assert_one_error(cli("eval", artifact, "--model", base, "--data", sentiment_files["test"]), *words)
+    assert_one_error(cli("train", "--model", base, "--data", sentiment_files["train"], "--output",
                          tmp_path / "o"), *words)
 
 
@@ -206,23 +188,23 @@ def test_onnxruntime_failures_are_one_line(exported, sentiment_files, tmp_path):
     manifest = json.loads((exp / "qprompt-export.json").read_text())
     (exp / "qprompt-export.json").write_text(json.dumps({**manifest, "head_dim": manifest["head_dim"] + 1}))
     for command in (["run", exp, "--prompt", "a fine film"], ["eval", exp, "--data", sentiment_files["test"]]):
-        assert_one_error(run(*command), "onnxruntime could not run model.onnx", "export again")
+        assert_one_error(cli(*command), "onnxruntime could not run model.onnx", "export again")
     (exp / "model.onnx").write_bytes(b"garbage")
-    assert_one_error(run("run", exp, "--prompt", "a fine film"), "could not be loaded by onnxruntime", "export again")
+    assert_one_error(cli("run", exp, "--prompt", "a fine film"), "could not be loaded by onnxruntime", "export again")
 
 
 # 8 ------------------------------------------------------------------------------------------------
 def test_json_into_a_missing_folder_fails_before_the_work(artifact, exported, sentiment_files, tmp_path):
     out = tmp_path / "no-such-folder" / "m.json"
     words = ["--json", "no-such-folder does not exist", "create the folder"]
-    assert_one_error(run("eval", "--baseline", "hard-prompt", "--model", NO_MODEL, "--json", out), *words)
-    assert_one_error(run("eval", artifact, "--data", sentiment_files["test"], "--json", out), *words)
-    assert_one_error(run("eval", exported, "--data", sentiment_files["test"], "--json", out), *words)
+    assert_one_error(cli("eval", "--baseline", "hard-prompt", "--model", NO_MODEL, "--json", out), *words)
+    assert_one_error(cli("eval", artifact, "--data", sentiment_files["test"], "--json", out), *words)
+    assert_one_error(cli("eval", exported, "--data", sentiment_files["test"], "--json", out), *words)
     (tmp_path / "a-file").write_text("")
-    assert_one_error(run("eval", exported, "--json", tmp_path / "a-file" / "m.json"), "is a file, not a folder")
-    assert_one_error(run("train", "--model", NO_MODEL, "--output", tmp_path / "a-file" / "run"),
+    assert_one_error(cli("eval", exported, "--json", tmp_path / "a-file" / "m.json"), "is a file, not a folder")
+    assert_one_error(cli("train", "--model", NO_MODEL, "--output", tmp_path / "a-file" / "run"),
                      "--output", "a-file is a file, not a folder")
-    assert_one_error(run("--output", tmp_path / "a-file" / "run", command=recipe_script()),
+    assert_one_error(cli("--output", tmp_path / "a-file" / "run", command=recipe_script()),
                      "a-file is a file, not a folder")
 
 
@@ -234,15 +216,15 @@ def recipe_script():
 
 def test_recipe_script_checks_json_and_data_before_the_model_load(tmp_path):
     script = recipe_script()
-    assert_one_error(run("--json", tmp_path / "none" / "r.json", command=script), "--json", "does not exist")
+    assert_one_error(cli("--json", tmp_path / "none" / "r.json", command=script), "--json", "does not exist")
     rows = [{"text": f"ok {i}", "label": "negative"} for i in range(12)]
     rows[3] = {"text": "hm", "label": "meh"}
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    assert_one_error(run("--model", NO_MODEL, "--data", data, "--output", tmp_path / "o", command=script),
+    assert_one_error(cli("--model", NO_MODEL, "--data", data, "--output", tmp_path / "o", command=script),
                      "d.jsonl: line 4 has label 'meh'")
     test = write_jsonl(tmp_path / "t.jsonl", [{"text": "ok", "label": "positive"}, {"text": "", "label": "positive"}])
     good = write_jsonl(tmp_path / "g.jsonl", [{"text": f"ok {i}", "label": "negative"} for i in range(12)])
-    assert_one_error(run("--model", NO_MODEL, "--data", good, "--test-data", test, "--output", tmp_path / "o",
+    assert_one_error(cli("--model", NO_MODEL, "--data", good, "--test-data", test, "--output", tmp_path / "o",
                          command=script), "t.jsonl: line 2 has field 'text' but it is empty")
 
 
@@ -250,14 +232,14 @@ def test_recipe_script_checks_json_and_data_before_the_model_load(tmp_path):
 def test_kshot_demonstration_missing_a_field(sentiment_files, tmp_path):
     pool = write_jsonl(tmp_path / "pool.jsonl", [{"text": "good", "label": "positive"}, {"label": "negative"},
                                                  {"text": "fine", "label": "positive"}])
-    assert_one_error(run("eval", "--baseline", "hard-prompt", "--model", NO_MODEL, "--shots", 3, "--train-data", pool,
+    assert_one_error(cli("eval", "--baseline", "hard-prompt", "--model", NO_MODEL, "--shots", 3, "--train-data", pool,
                          "--data", sentiment_files["test"]),
                      "pool.jsonl (--shots demonstrations): line 2 has no field 'text'")
 
 
 # 10, 11, 14, 15 -----------------------------------------------------------------------------------
 def train_on(path: Path, tmp_path: Path, *extra):
-    return run("train", "--model", NO_MODEL, "--data", path, "--output", tmp_path / "out", *extra)
+    return cli("train", "--model", NO_MODEL, "--data", path, "--output", tmp_path / "out", *extra)
 
 
 def test_csv_row_with_extra_or_missing_cells(tmp_path):
@@ -293,32 +275,32 @@ def test_validation_and_eval_rows_are_checked_before_the_model_load(artifact, tm
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"t{i}", "label": "positive"} for i in range(8)])
     bad = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "positive"}, {"text": "b", "label": "meh"}])
     assert_one_error(train_on(good, tmp_path, "--eval-data", bad), "val.jsonl: line 2 has label 'meh'")
-    assert_one_error(run("eval", "--baseline", "hard-prompt", "--model", NO_MODEL, "--data", bad),
+    assert_one_error(cli("eval", "--baseline", "hard-prompt", "--model", NO_MODEL, "--data", bad),
                      "val.jsonl: line 2 has label 'meh'", "add the label")
     # An artifact's own base is loaded only after the rows pass.
-    assert_one_error(run("eval", artifact, "--data", bad), "line 2 has label 'meh'")
+    assert_one_error(cli("eval", artifact, "--data", bad), "line 2 has label 'meh'")
 
 
 # 12, 13 -------------------------------------------------------------------------------------------
 def test_run_raw_is_for_prompt_text_only(exported, artifact, sentiment_files):
-    assert_one_error(run("run", exported, "--raw", "--input", sentiment_files["test"]),
+    assert_one_error(cli("run", exported, "--raw", "--input", sentiment_files["test"]),
                      "does not apply to --input", "drop --raw")
-    assert_one_error(run("run", exported, "--raw", "--classify", "--prompt", "x"), "drop --raw")
-    assert_one_error(run("run", exported, "--raw", "--prompt", ""), "--prompt is empty")
-    assert_one_error(run("generate", artifact, "--raw", "--prompt", ""), "--prompt is empty")
-    result = run("run", exported, "--raw", "--prompt", "The film", "--max-new-tokens", 2)
+    assert_one_error(cli("run", exported, "--raw", "--classify", "--prompt", "x"), "drop --raw")
+    assert_one_error(cli("run", exported, "--raw", "--prompt", ""), "--prompt is empty")
+    assert_one_error(cli("generate", artifact, "--raw", "--prompt", ""), "--prompt is empty")
+    result = cli("run", exported, "--raw", "--prompt", "The film", "--max-new-tokens", 2)
     assert result.exit_code == 0, result.output
 
 
 def test_messages_name_the_true_cause(exported, artifact, tiny_model_dir, sentiment_files, tmp_path):
-    assert_one_error(run("run", exported, "--prompt", "x", "--input", sentiment_files["test"]), "not both")
-    assert_one_error(run("serve", tmp_path / "nowhere"), "does not exist", "qprompt export --output")
-    assert_one_error(run("serve", exported, "--host", "10.255.255.254", "--port", 0), "no such address", "--host")
+    assert_one_error(cli("run", exported, "--prompt", "x", "--input", sentiment_files["test"]), "not both")
+    assert_one_error(cli("serve", tmp_path / "nowhere"), "does not exist", "qprompt export --output")
+    assert_one_error(cli("serve", exported, "--host", "10.255.255.254", "--port", 0), "no such address", "--host")
     # Too many virtual tokens for max_length: truncation is already on, so say what does help.
     train = ["train", "--recipe", "sentiment", "--model", tiny_model_dir, "--quant", "none", "--data",
              sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 1,
              "--output", tmp_path / "long"]
-    message = assert_one_error(run(*train, "--virtual-tokens", 9000), "use fewer virtual tokens",
+    message = assert_one_error(cli(*train, "--virtual-tokens", 9000), "use fewer virtual tokens",
                                "raise data.max_length")
     assert "on_long" not in message
 
@@ -335,15 +317,15 @@ def test_a_run_killed_before_its_first_checkpoint_gets_one_consistent_advice(art
     train = ["train", "--recipe", "sentiment", "--model", tiny_model_dir, "--quant", "none", "--data",
              sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 1,
              "--output", run_dir]
-    assert_one_error(run(*train), "stopped before its first checkpoint", "--overwrite")
-    assert_one_error(run(*train, "--resume"), "stopped before its first checkpoint", "--overwrite")
-    done = run(*train, "--overwrite")
+    assert_one_error(cli(*train), "stopped before its first checkpoint", "--overwrite")
+    assert_one_error(cli(*train, "--resume"), "stopped before its first checkpoint", "--overwrite")
+    done = cli(*train, "--overwrite")
     assert done.exit_code == 0, done.output
 
 
 def test_a_negative_seed_is_one_usage_error(exported):
     for temperature in ("0", "1"):
-        result = run("run", exported, "--prompt", "a film", "--temperature", temperature, "--seed", "-1")
+        result = cli("run", exported, "--prompt", "a film", "--temperature", temperature, "--seed", "-1")
         assert result.exit_code == 2 and "--seed" in result.output and "-1" in result.output
         assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception,
                                                                                           SystemExit)
@@ -351,8 +333,8 @@ def test_a_negative_seed_is_one_usage_error(exported):
 
 def test_top_p_zero_keeps_the_most_likely_token(exported):
     args = ["run", exported, "--prompt", "a warm and funny film", "--max-new-tokens", 6]
-    greedy = run(*args)
-    sampled = run(*args, "--temperature", 1, "--top-p", 0, "--seed", 3)
+    greedy = cli(*args)
+    sampled = cli(*args, "--temperature", 1, "--top-p", 0, "--seed", 3)
     assert greedy.exit_code == 0 and sampled.exit_code == 0, sampled.output
     assert sampled.output == greedy.output
 
@@ -369,15 +351,15 @@ def test_pick_with_top_p_zero_is_argmax():
 
 # others -------------------------------------------------------------------------------------------
 def test_other_user_errors_are_one_line(exported, sentiment_files, tmp_path):
-    assert_one_error(run("eval", exported, "--data", tmp_path / "none.jsonl"), "does not exist")
+    assert_one_error(cli("eval", exported, "--data", tmp_path / "none.jsonl"), "does not exist")
     bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "a", "label": "positive"}, {"text": "b", "label": "meh"}])
-    assert_one_error(run("eval", exported, "--data", bad), "line 2 has label 'meh'")
+    assert_one_error(cli("eval", exported, "--data", bad), "line 2 has label 'meh'")
     missing = write_jsonl(tmp_path / "m.jsonl", [{"review": "a"}])
-    assert_one_error(run("run", exported, "--input", missing), "m.jsonl: line 1 has no field 'text'")
-    result = run("eval", exported, "--data", sentiment_files["test"], "--limit", 1000)
+    assert_one_error(cli("run", exported, "--input", missing), "m.jsonl: line 1 has no field 'text'")
+    result = cli("eval", exported, "--data", sentiment_files["test"], "--limit", 1000)
     assert result.exit_code == 0 and "(32 rows" in result.output, result.output
     task = config_file(tmp_path, "name: t\ntask: ranking\n")
-    assert_one_error(run("train", "--config", task), "task 'ranking' must be classification or generation")
+    assert_one_error(cli("train", "--config", task), "task 'ranking' must be classification or generation")
 
 
 def test_resume_from_a_damaged_checkpoint_is_one_error(tiny_model_dir, sentiment_files, tmp_path):
@@ -385,10 +367,10 @@ def test_resume_from_a_damaged_checkpoint_is_one_error(tiny_model_dir, sentiment
     args = ["--model", tiny_model_dir, "--data", sentiment_files["train"], "--eval-data", sentiment_files["validation"],
             "--output", out, "--quant", "none", "--virtual-tokens", 4, "--max-steps", 2, "--batch-size", 8,
             "--eval-every", 1]
-    assert run("train", *args).exit_code == 0
+    assert cli("train", *args).exit_code == 0
     state = out / "checkpoint" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    assert_one_error(run("train", *args[:-6], "--max-steps", 3, "--batch-size", 8, "--eval-every", 1, "--resume"),
+    assert_one_error(cli("train", *args[:-6], "--max-steps", 3, "--batch-size", 8, "--eval-every", 1, "--resume"),
                      "cannot be read", "--overwrite")
 
 

@@ -15,30 +15,20 @@ import pytest
 import torch
 
 from qprompt.artifact import load_artifact
-from qprompt.data import Encoder, load_splits
+from qprompt.data import Encoder
 from qprompt.deploy.runtime import ExportedModel, ExportError, Sampling
 from qprompt.errors import QPromptError
 from qprompt.evaluate import classify
 from qprompt.export import PARITY_ABS, PARITY_REL_FUSED, export
 from qprompt.forward import greedy_generate
-from qprompt.models import load_model
-from qprompt.train import train
-from tests.conftest import data_rows
+from tests.kit import data_rows, train_small
 
 GRAPHS = ["fused", "written"]
 
 
 def train_tiny(model_dir, sentiment_files, out, quant="none", method="prompt-tuning", tokens=6, steps=4):
-    from qprompt.config import load_recipe, override
-
-    recipe = override(load_recipe("sentiment"), model=str(model_dir), quant=quant, method__name=method,
-                      method__virtual_tokens=tokens, method__prefix_projection=method == "prefix-tuning",
-                      train__max_steps=steps, train__batch_size=8, train__lr=0.3, train__eval_every=0,
-                      train__eval_rows=8)
-    model, tok, info = load_model(recipe.model, recipe.quant)
-    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
-    train(recipe, model, tok, info, splits, out, progress=False)
-    return out
+    return train_small(model_dir, sentiment_files, out, quant=quant, method__name=method, method__virtual_tokens=tokens,
+                       method__prefix_projection=method == "prefix-tuning", train__max_steps=steps, train__lr=0.3)
 
 
 @pytest.fixture(scope="module")

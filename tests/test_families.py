@@ -15,11 +15,8 @@ import shutil
 import pytest
 import torch
 
-from qprompt.config import load_recipe, override
-from qprompt.data import load_splits
 from qprompt.export import export
-from qprompt.models import load_model
-from qprompt.train import train
+from tests.kit import train_small
 
 FAMILIES = {  # family -> (config class name, extra config, expected graph)
     "qwen2": ("Qwen2Config", {}, "fused"),
@@ -60,12 +57,8 @@ CASES = [(family, "prompt-tuning") for family in FAMILIES] + [("falcon", "prefix
 def test_each_family_exports_with_parity(family, method, tiny_model_dir, sentiment_files, tmp_path):
     """Falcon with prefix tuning too: PEFT would size its prefix for four key/value heads, the cache holds one."""
     model_dir = tiny_family(family, tiny_model_dir, tmp_path / family)
-    recipe = override(load_recipe("sentiment"), model=str(model_dir), quant="none", method__virtual_tokens=4,
-                      method__name=method, train__max_steps=1, train__batch_size=4, train__eval_every=0,
-                      train__eval_rows=4)
-    model, tok, info = load_model(recipe.model, recipe.quant)
-    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
-    train(recipe, model, tok, info, splits, tmp_path / "art", progress=False)
+    train_small(model_dir, sentiment_files, tmp_path / "art", method__name=method, train__max_steps=1,
+                train__batch_size=4, train__eval_rows=4, train__lr=0.03)
     data = export(tmp_path / "art", tmp_path / "exp", parity_tokens=4)
     assert data.graph == FAMILIES[family][2]
     parity = data.tasks[0].parity

@@ -25,15 +25,12 @@ from click.testing import CliRunner
 
 from qprompt.artifact import load_artifact
 from qprompt.cli import main
-from qprompt.config import load_recipe, override
-from qprompt.data import load_splits
 from qprompt.deploy.genai import GENAI_CONFIG, GENERIC_DECODER_TYPE, PLAIN_DECODER_TYPES, genai_model_type
 from qprompt.deploy.runtime import QUANTIZATIONS, ExportedModel, Sampling
 from qprompt.export import export
 from qprompt.forward import greedy_generate
-from qprompt.models import load_model
 from qprompt.owned import owned
-from qprompt.train import train
+from tests.kit import train_small
 
 NEW_TOKENS = 8
 # Different lengths (4 to 12 words), so the batch has rows padded by 0 to ~10 tokens.
@@ -63,14 +60,8 @@ def lively_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def train_artifact(model_dir: Path, sentiment_files: dict, method: str, output: Path) -> Path:
-    recipe = override(load_recipe("sentiment"), model=str(model_dir), quant="none", method__name=method,
-                      method__virtual_tokens=5, method__prefix_projection=method == "prefix-tuning",
-                      train__max_steps=2, train__batch_size=8, train__lr=0.05, train__eval_every=0,
-                      train__eval_rows=8)
-    model, tok, info = load_model(recipe.model, recipe.quant)
-    splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
-    train(recipe, model, tok, info, splits, output, progress=False)
-    return output
+    return train_small(model_dir, sentiment_files, output, method__name=method, method__virtual_tokens=5,
+                       method__prefix_projection=method == "prefix-tuning", train__lr=0.05)
 
 
 @pytest.fixture(scope="module")

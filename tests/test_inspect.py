@@ -5,11 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from qprompt.artifact import MANIFEST, load_artifact, manifest, write_json
-from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.data import Encoder, collate
 from qprompt.evaluate import evaluate
@@ -17,7 +15,7 @@ from qprompt.forward import FixedPrefix, base_of, cache_kwargs, hidden_states, m
 from qprompt.inspect import importance
 from qprompt.methods import add_soft_prompt
 from qprompt.models import load_model
-from tests.conftest import data_rows, write_jsonl
+from tests.kit import assert_one_error, cli, data_rows, write_jsonl
 
 N = 6  # virtual tokens
 ROWS = [{"text": "short", "label": "positive"},
@@ -108,9 +106,6 @@ def test_importance_finds_the_virtual_token_that_decides_the_label(tiny_model_di
 
 
 # ---------------------------------------------------------------------------------------- the command
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
 
 def _untrained_artifact(folder: Path, tiny_model_dir, method: str, **extra) -> Path:
     """An artifact holding a freshly initialised prompt, written as training writes one (no training)."""
@@ -129,7 +124,7 @@ def test_a_prompt_started_from_text_shows_that_text(tiny_model_dir, tmp_path):
     art = _untrained_artifact(tmp_path / "art", tiny_model_dir, "prompt-tuning", method__init="text",
                               method__init_text=INIT_TEXT)
     report = tmp_path / "r.json"
-    result = run("inspect", art, "--no-importance", "--top", 2, "--json", report)
+    result = cli("inspect", art, "--no-importance", "--top", 2, "--json", report)
     assert result.exit_code == 0, result.output
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok(INIT_TEXT)["input_ids"]  # PEFT tokenizes the text so and repeats it to fill the prompt
@@ -148,7 +143,7 @@ def test_a_prompt_started_from_text_shows_that_text(tiny_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("inspect") / "art"
-    result = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
+    result = cli("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--data", sentiment_files["train"],
                  "--eval-data", sentiment_files["validation"], "--output", out, "--virtual-tokens", 4,
                  "--max-steps", 2, "--batch-size", 8, "--eval-every", 0, "--lr", 0.1, "--quant", "none")
     assert result.exit_code == 0, result.output
@@ -157,7 +152,7 @@ def trained(tiny_model_dir, sentiment_files, tmp_path_factory) -> Path:
 
 def test_importance_is_measured_against_the_eval_metric(trained, sentiment_files, tmp_path):
     report, picture, scored = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "eval.json"
-    result = run("inspect", trained, "--data", sentiment_files["validation"], "--rows", 16, "--json", report,
+    result = cli("inspect", trained, "--data", sentiment_files["validation"], "--rows", 16, "--json", report,
                  "--png", picture)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
@@ -165,7 +160,7 @@ def test_importance_is_measured_against_the_eval_metric(trained, sentiment_files
     assert [t["importance"] for t in data["tokens"]] == [d - data["importance"]["full"]
                                                          for d in data["importance"]["dropped"]]
     assert len(result.stdout.splitlines()) == 4 + 4  # the headers, then one line per virtual token
-    scoring = run("eval", trained, "--data", sentiment_files["validation"], "--limit", 16, "--json", scored)
+    scoring = cli("eval", trained, "--data", sentiment_files["validation"], "--limit", 16, "--json", scored)
     assert scoring.exit_code == 0, scoring.output
     assert data["importance"]["full"] == json.loads(scored.read_text())["accuracy"]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -174,7 +169,7 @@ def test_importance_is_measured_against_the_eval_metric(trained, sentiment_files
 def test_prefix_tuning_gives_the_layer_by_token_norm_grid(tiny_model_dir, sentiment_files, tmp_path):
     art = _untrained_artifact(tmp_path / "art", tiny_model_dir, "prefix-tuning")
     report, picture = tmp_path / "r.json", tmp_path / "r.png"
-    result = run("inspect", art, "--data", sentiment_files["validation"], "--rows", 8, "--json", report,
+    result = cli("inspect", art, "--data", sentiment_files["validation"], "--rows", 8, "--json", report,
                  "--png", picture)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
@@ -195,13 +190,8 @@ def test_prefix_tuning_gives_the_layer_by_token_norm_grid(tiny_model_dir, sentim
 
 
 def test_bad_input_gives_one_line_errors(trained, tmp_path):
-    def assert_clean_error(result, text):
-        assert result.exit_code == 2, result.output
-        lines = result.output.strip().splitlines()
-        assert lines[-1].startswith("error: ") and text in lines[-1] and "Traceback" not in result.output
-
-    assert_clean_error(run("inspect", tmp_path / "nowhere"), "does not exist")
-    assert_clean_error(run("inspect", trained, "--data", tmp_path / "none.jsonl"), "does not exist")
+    assert_one_error(cli("inspect", tmp_path / "nowhere"), "does not exist")
+    assert_one_error(cli("inspect", trained, "--data", tmp_path / "none.jsonl"), "does not exist")
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "x", "label": "positive"}, {"text": "y", "label": "meh"}])
-    assert_clean_error(run("inspect", trained, "--data", wrong), "line 2 has label 'meh'")
-    assert_clean_error(run("inspect", trained, "--data", wrong, "--no-importance"), "drop --no-importance")
+    assert_one_error(cli("inspect", trained, "--data", wrong), "line 2 has label 'meh'")
+    assert_one_error(cli("inspect", trained, "--data", wrong, "--no-importance"), "drop --no-importance")

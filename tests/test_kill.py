@@ -12,6 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.kit import small_recipe
+
 # Runs `qprompt train` in this process after arming one way to die; MODE "none" arms nothing.
 WRAPPER = r'''
 import io, os, signal, sys
@@ -65,11 +67,8 @@ main(sys.argv[3:], prog_name="qprompt")
 @pytest.fixture
 def job(tiny_model_dir, sentiment_files, tmp_path):
     """The wrapper, a 6-step recipe with a checkpoint every 2 steps, and a run that was never interrupted."""
-    from qprompt.config import load_recipe, override
-
-    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
-                      train__max_steps=6, train__batch_size=8, train__lr=0.1, train__eval_every=2,
-                      train__eval_rows=8, train__log_every=1, train__warmup_steps=1)
+    recipe = small_recipe(tiny_model_dir, train__max_steps=6, train__eval_every=2, train__log_every=1,
+                          train__warmup_steps=1)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     job = {"folder": tmp_path, "data": [str(sentiment_files["train"]), str(sentiment_files["validation"])]}

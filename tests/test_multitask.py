@@ -19,8 +19,7 @@ from qprompt.methods import add_soft_prompt
 from qprompt.models import load_model
 from qprompt.multitask import MultitaskTrainer, multitask_recipe, train_multitask
 from qprompt.transfer import saved_prompt, start_from_artifact, start_prompt
-
-from .conftest import ctrl_c_at, data_rows, write_jsonl
+from tests.kit import ctrl_c_at, data_rows, write_jsonl
 
 SMALL = dict(quant="none", data__validation_rows=8, train__max_steps=4, train__batch_size=8, train__lr=0.1,
              train__eval_every=2, train__eval_rows=8, train__log_every=1, train__warmup_steps=1)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from qprompt.cli import main
 from qprompt.config import load_recipe, override
 from qprompt.errors import QPromptError
 from qprompt.export import export
@@ -26,10 +24,7 @@ from qprompt.methods import (
 )
 from qprompt.models import load_model
 from qprompt.plan import Shape
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.kit import cli
 
 
 @pytest.fixture
@@ -46,11 +41,11 @@ def new_method():
 
 def test_a_registered_method_is_a_choice_that_plans_trains_and_exports(new_method, tiny_model_dir, sentiment_files,
                                                                       tmp_path):
-    planned = run("plan", "--model", tiny_model_dir, "--method", "test-tuning", "--device", "cpu")
+    planned = cli("plan", "--model", tiny_model_dir, "--method", "test-tuning", "--device", "cpu")
     assert planned.exit_code == 0, planned.output
     assert "test-tuning (100 virtual tokens)" in planned.output
     out = tmp_path / "art"
-    trained = run("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--method", "test-tuning",
+    trained = cli("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--method", "test-tuning",
                   "--data", sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 1,
                   "--batch-size", 4, "--eval-every", 0, "--quant", "none", "--virtual-tokens", 4, "--output", out)
     assert trained.exit_code == 0, trained.output
@@ -67,11 +62,11 @@ def test_an_unknown_method_is_one_clear_error(tmp_path):
         get_method("nope")
     config = tmp_path / "bad.yaml"
     config.write_text("name: t\ntask: generation\nmethod: {name: nope, init: random}\n")
-    result = run("train", "--config", config, "--model", "/no/such/model-folder")
+    result = cli("train", "--config", config, "--model", "/no/such/model-folder")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.splitlines() == [
         "error: recipe t: method 'nope' must be prompt-tuning, p-tuning, prefix-tuning or multitask-prompt-tuning"]
-    assert run("plan", "--method", "nope").exit_code == 2  # click names the choices
+    assert cli("plan", "--method", "nope").exit_code == 2  # click names the choices
 
 
 def test_a_name_is_registered_once(new_method):

@@ -13,6 +13,7 @@ from qprompt.export import export
 from qprompt.models import load_model
 from qprompt.owned import RECORD, owned
 from qprompt.train import train
+from tests.kit import small_recipe
 
 
 def _train(recipe, files, output, splits=None, **kw):
@@ -30,10 +31,7 @@ def _bad_label_splits(recipe, files):
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, sentiment_files, tmp_path_factory):
     """A finished tiny run (quant none) in a folder that already held the user's README.md and notes."""
-    from qprompt.config import load_recipe, override
-
-    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
-                      train__max_steps=2, train__batch_size=8, train__eval_every=0, train__eval_rows=8)
+    recipe = small_recipe(tiny_model_dir, train__lr=0.03)
     out = tmp_path_factory.mktemp("safety") / "run"
     out.mkdir()
     (out / "README.md").write_text("my notes on this run\n")

@@ -15,12 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from qprompt.cli import main
 from qprompt.deploy.runtime import DecodeBatch, ExportedModel, Sampling, log_softmax
 from qprompt.deploy.serve import ServeOptions, bind, create_app
-from tests.conftest import data_rows
+from tests.kit import cli, data_rows
 
 REVIEWS = [r["text"] for r in data_rows("rotten_tomatoes", "test", 12)]
 
@@ -228,28 +226,24 @@ def test_one_at_a_time_serving_gives_the_same_answers(model):
         thread.join(timeout=10)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def test_start_up_errors_are_one_line(sentiment_export, tmp_path):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     port = taken.getsockname()[1]
     try:
-        result = run("serve", sentiment_export, "--port", port)
+        result = cli("serve", sentiment_export, "--port", port)
     finally:
         taken.close()
     assert result.exit_code == 2 and result.output.startswith(f"error: port {port} on 127.0.0.1 is in use")
     assert "pass another --port" in result.output and "Traceback" not in result.output
-    result = run("serve", tmp_path / "nowhere", "--port", 0)
+    result = cli("serve", tmp_path / "nowhere", "--port", 0)
     assert result.exit_code == 2 and "error:" in result.output and "does not exist" in result.output
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in sentiment_export.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.onnx").write_bytes(b"not a graph")
-    result = run("serve", broken, "--port", 0)
+    result = cli("serve", broken, "--port", 0)
     assert result.exit_code == 2 and "could not be loaded by onnxruntime" in result.output
     assert len(result.output.strip().splitlines()) == 1

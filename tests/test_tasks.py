@@ -17,32 +17,19 @@ import pytest
 from click.testing import CliRunner
 
 from qprompt.cli import main
-from qprompt.config import load_recipe, override
-from qprompt.data import load_splits
 from qprompt.deploy.runtime import ExportedModel, Sampling
 from qprompt.errors import ExportError, QPromptError
 from qprompt.export import PARITY_ABS, PARITY_REL, PARITY_REL_FUSED, add_task, export, remove_task
-from qprompt.models import load_model
-from qprompt.train import train
-from tests.conftest import data_rows
+from tests.kit import data_rows
 
 ROWS = [r["text"] for r in data_rows("rotten_tomatoes", "test", 12)]
 TASKS = {"pt": ("prompt-tuning", 4), "prefix": ("prefix-tuning", 6), "ptune": ("p-tuning", 3)}
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_model_dir, sentiment_files, tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("tasks")
-    out = {}
-    for name, (method, tokens) in TASKS.items():
-        recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__name=method,
-                          method__virtual_tokens=tokens, train__max_steps=2, train__batch_size=8, train__lr=0.1,
-                          train__eval_every=0, train__eval_rows=8)
-        model, tok, info = load_model(recipe.model, recipe.quant)
-        splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
-        train(recipe, model, tok, info, splits, folder / name, progress=False)
-        out[name] = folder / name
-    return out
+def artifacts(artifact_factory) -> dict:
+    return {name: artifact_factory(name, method__name=method, method__virtual_tokens=tokens)
+            for name, (method, tokens) in TASKS.items()}
 
 
 @pytest.fixture(scope="module", params=["fused", "written"])

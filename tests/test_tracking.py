@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import qprompt.train as qtrain
 from qprompt.cli import main
-from tests.conftest import ctrl_c_at
+from tests.kit import ctrl_c_at
 
 OPTIONS = ["--virtual-tokens", 4, "--max-steps", 4, "--batch-size", 8, "--eval-every", 2, "--lr", 0.1, "--quant",
            "none", "--report-to", "tensorboard", "--report-to", "mlflow", "train.log_every=1", "train.eval_rows=16"]

@@ -11,7 +11,7 @@ from qprompt.data import load_splits
 from qprompt.errors import QPromptError
 from qprompt.models import load_model
 from qprompt.train import train
-from tests.conftest import ctrl_c_at
+from tests.kit import ctrl_c_at
 
 
 def _run(recipe, files, output, quant="nf4", **kw):
@@ -133,7 +133,7 @@ def test_summarize_recipe_trains_and_scores_rouge(tiny_model_dir, tmp_path):
     the loss falls, and evaluation (soft prompt and hard prompt k-shot) reports ROUGE-L."""
     from qprompt.config import load_recipe, override
     from qprompt.evaluate import evaluate
-    from tests.conftest import data_rows, write_jsonl
+    from tests.kit import data_rows, write_jsonl
 
     rows = data_rows("aclsum", "train", 24)
     files = {"train": write_jsonl(tmp_path / "train.jsonl", rows[:16]),

@@ -11,10 +11,11 @@ from peft import PeftModel
 
 import qprompt.train as qtrain
 from qprompt.cli import main
-from qprompt.config import load_recipe, override
+from qprompt.config import load_recipe
 from qprompt.data import load_splits
 from qprompt.models import load_model
 from qprompt.tune import TuneOptions, tune
+from tests.kit import small_recipe
 
 SMALL = ["train.max_steps=2", "train.eval_every=1", "train.batch_size=8", "train.eval_rows=16",
          "train.warmup_steps=1", "method.virtual_tokens=4"]
@@ -68,9 +69,8 @@ def test_a_trial_that_falls_behind_the_median_is_pruned(tiny_model_dir, sentimen
         return (0.1 if self.cfg.lr >= 1 else 0.9), {"metric": self.metric_name, "rows": len(self.val_rows)}
 
     monkeypatch.setattr(qtrain.Trainer, "_validate", validate)
-    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
-                      train__max_steps=3, train__eval_every=1, train__batch_size=8, train__lr=0.3,
-                      train__warmup_steps=1)
+    recipe = small_recipe(tiny_model_dir, train__max_steps=3, train__eval_every=1, train__lr=0.3,
+                          train__eval_rows=200, train__warmup_steps=1)
     splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
     sane = [{"method": "prompt-tuning", "lr_factor": 1.0, "virtual_tokens": n, "init": "vocab"} for n in (4, 8, 16)]
     bad = {"method": "prompt-tuning", "lr_factor": 5.0, "virtual_tokens": 8, "init": "random"}
@@ -100,8 +100,8 @@ def test_a_failing_trial_is_recorded_and_ctrl_c_ends_the_tune(tiny_model_dir, se
     on; Ctrl-C in a trial (the run saves its checkpoint, then raises Interrupted) ends the whole tune."""
     from qprompt.errors import Interrupted, QPromptError
 
-    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=4,
-                      train__max_steps=1, train__eval_every=1, train__batch_size=8, train__warmup_steps=1)
+    recipe = small_recipe(tiny_model_dir, train__max_steps=1, train__eval_every=1, train__lr=0.03,
+                          train__eval_rows=200, train__warmup_steps=1)
     splits = load_splits(recipe, str(sentiment_files["train"]), str(sentiment_files["validation"]))
     calls = []
 

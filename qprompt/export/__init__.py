@@ -8,6 +8,7 @@
     parity.py    the checks against PyTorch
     tasks.py     several tasks in one graph; adding and removing one in place
     folder.py    where an export may go, and moving a finished one into place
+    lora.py      a LoRA adapter merged into its base, exported the same way (the fine-tuning baseline's deploy)
 """
 
 from .build import GRAPHS, export

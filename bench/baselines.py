@@ -1,0 +1,96 @@
+"""Benchmark: the soft prompt against prompting and fine-tuning, as `qprompt job --baselines` reports it.
+
+For each recipe, one `qprompt job` with the recipe's defaults: the hand-written prompt (0-shot, k-shot), the soft
+prompt, and LoRA / full fine-tuning trained on the same rows, batch and schedule for the soft prompt's training
+time (--budget time, the default here: the comparison at equal wall time) or its step count. Every row is scored on
+the same test rows. Each recipe's report goes to RESULTS/RECIPE.json (one there already is reused: delete it to
+measure again) and the table to docs/results.md.
+
+    python bench/baselines.py --recipes sentiment,spam [--baselines hard,kshot,lora,full] [--budget time]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE_MARK = "<!-- table: written by bench/baselines.py -->"
+END_MARK = "<!-- end of bench/baselines.py's table -->"
+NAMES = {"hard": "hard prompt 0-shot", "kshot": "hard prompt 4-shot", "soft_prompt": "soft prompt",
+         "lora": "LoRA", "full": "full fine-tuning"}
+
+
+@click.command()
+@click.option("--recipes", default="sentiment", show_default=True, help="Comma-separated recipe names.")
+@click.option("--baselines", default="hard,kshot,lora", show_default=True, help="As `qprompt job --baselines`.")
+@click.option("--budget", type=click.Choice(["time", "steps"]), default="time", show_default=True,
+              help="LoRA / full fine-tuning train for the soft prompt's training time, or its steps.")
+@click.option("--work", type=click.Path(file_okay=False), default="runs/bench-baselines", show_default=True,
+              help="The jobs' output folders (WORK/RECIPE); a trained soft prompt there is reused.")
+@click.option("--results", type=click.Path(file_okay=False), default=str(ROOT / "bench" / "results" / "baselines"),
+              show_default=True)
+@click.option("--doc", type=click.Path(dir_okay=False), default=str(ROOT / "docs" / "results.md"), show_default=True)
+@click.argument("job_args", nargs=-1)
+def main(recipes, baselines, budget, work, results, doc, job_args):
+    """JOB_ARGS after `--` go to every `qprompt job` (e.g. -- --max-steps 20 --test-limit 200 train.eval_every=10)."""
+    Path(results).mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for recipe in recipes.split(","):
+        path = Path(results) / f"{recipe}.json"
+        command = ["qprompt", "job", recipe, "--baselines", baselines, "--baseline-budget", budget,
+                   "--output", str(Path(work) / recipe), "--json", str(path), *job_args]
+        if not path.exists():
+            click.echo(" ".join(command), err=True)
+            done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command[1:]])
+            if done.returncode != 0:
+                raise click.ClickException(f"the {recipe} job failed (exit {done.returncode})")
+            report = json.loads(path.read_text())
+            from machine import describe
+
+            report.update(command=" ".join(command), machine=describe())
+            path.write_text(json.dumps(report, indent=1) + "\n")
+        reports[recipe] = json.loads(path.read_text())
+    table = write_table(reports)
+    click.echo(table)
+    write_doc(Path(doc), table)
+
+
+def write_table(reports: dict[str, dict]) -> str:
+    lines = ["| recipe | row | metric | value | test rows | trainable params | steps | train time (s) "
+             "| peak memory (GB) | artifact |", "|---" * 10 + "|"]
+    for recipe, report in reports.items():
+        m = report["metric"]
+        rows = {**report["baselines"], "soft_prompt": report["soft_prompt"]}
+        for name in ("hard", "kshot", "soft_prompt", "lora", "full"):
+            if name not in rows:
+                continue
+            r = rows[name]
+            trained = "trainable_parameters" in r
+            peak = r.get("peak_memory_gb")
+            lines.append(f"| {recipe} | {NAMES[name]} | {m} | {r[m]:.4f} | {r['rows']} | "
+                         + (f"{r['trainable_parameters']:,} | {r['steps']} | {r['train_seconds']:.0f} | "
+                            f"{'–' if peak is None else f'{peak:.2f}'} | {r['artifact_bytes'] / 1024:,.0f} KB |"
+                            if trained else "0 | – | – | – | – |"))
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, table: str) -> None:
+    """Put the table between its marks in `doc` (appended the first time); the rest of the file is kept."""
+    text = doc.read_text() if doc.exists() else ""
+    block = (f"{TABLE_MARK}\n\nEach recipe's JSON in bench/results/baselines/ holds its rows and the command that "
+             f"made them.\n\n{table}\n\n{END_MARK}")
+    if TABLE_MARK in text and END_MARK in text:
+        text = text[: text.index(TABLE_MARK)] + block + text[text.index(END_MARK) + len(END_MARK):]
+    else:
+        text = text.rstrip() + "\n\n## Against fine-tuning (LoRA, full)\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
