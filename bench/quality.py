@@ -33,7 +33,7 @@ def peak_rss_gb() -> float:
 
 
 def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None, test_limit: int | None,
-            shots: int) -> dict:
+            shots: int, model_name: str | None, data_root: str, work: str) -> dict:
     from qprompt.artifact import load_artifact
     from qprompt.config import load_recipe, override
     from qprompt.data import demonstrations, read_rows
@@ -42,11 +42,11 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
     from qprompt.models import load_model
     from qprompt.train import train
 
-    folder = SHARED / FOLDERS[task]
+    folder = Path(data_root) / FOLDERS[task]
     spec, _, lr = method.partition("@")  # e.g. p-tuning@0.003: a learning rate other than the recipe's
     spec, _, init = spec.partition(":")  # e.g. prefix-tuning:random: an init other than the recipe's
     name, _, variant = spec.partition("+")  # e.g. prefix-tuning+mlp, p-tuning+lstm
-    recipe = override(load_recipe(task), quant=quant, method__name=name if kind == "soft" else None,
+    recipe = override(load_recipe(task), model=model_name, quant=quant, method__name=name if kind == "soft" else None,
                       train__max_steps=max_steps, train__lr=float(lr) if lr else None,
                       train__eval_every=0, train__eval_rows=200)  # one validation check, at the end
     if init:
@@ -68,7 +68,7 @@ def run_row(task: str, kind: str, method: str, quant: str, max_steps: int | None
         result = evaluate(model, tok, recipe, test, "test", hard_prompt=True, shots=demos)
         row.update(method=f"hard prompt {shots}-shot", trainable_parameters=0, train_seconds=0)
     else:
-        out = ROOT / "runs" / f"quality-{task}-{method}-{quant}"
+        out = Path(work) / f"quality-{task}-{method}-{quant}"
         splits = {"train": train_rows, "validation": read_rows(str(folder / "validation.jsonl"))}
         data = train(recipe, model, tok, info, splits, out, overwrite=True, progress=False)
         tuned, tok, tuned_recipe, _ = load_artifact(out, quant=quant)
@@ -113,8 +113,15 @@ def write_table(rows: list[dict]) -> str:
 @click.option("--shots", default=4, show_default=True, help="k for the k-shot row.")
 @click.option("--max-steps", type=int, default=None, help="Override every recipe's steps.")
 @click.option("--test-limit", type=int, default=None, help="Score only the first N test rows.")
+@click.option("--model", "model_name", default=None, help="Base model [default: each recipe's].")
+@click.option("--data-root", default=str(SHARED), show_default=True,
+              help="Folder holding each task's data folder (rotten_tomatoes/, sms_spam/, ...) of train/validation/"
+                   "test.jsonl.")
+@click.option("--work", default=str(ROOT / "runs"), show_default=True, help="Where the trained artifacts go.")
+@click.option("--results", default=str(RESULTS), show_default=True, help="One JSON per row (reused when there).")
+@click.option("--doc", default=str(ROOT / "docs" / "results.md"), show_default=True, help="The table's page.")
 @click.option("--row", "row_spec", default=None, hidden=True)
-def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
+def main(tasks, methods, quants, shots, max_steps, test_limit, model_name, data_root, work, results, doc, row_spec):
     sys.path.insert(0, str(ROOT))
     from qprompt.cli import quiet_libraries
     from qprompt.methods import method_names
@@ -130,19 +137,21 @@ def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
         row["machine"] = describe()
         Path(out).write_text(json.dumps(row, indent=1) + "\n")
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
     rows = []
     for task in tasks.split(","):
         plan = [("hard", "none", "nf4", 0), ("hard", "none", "nf4", shots)]
         plan += [("soft", m, q, 0) for m in methods.split(",") if m for q in quants.split(",")]
         for kind, method, quant, k in plan:
             name = f"{task}-{kind}-{method}-{quant}-{k}shot-{max_steps}-{test_limit}.json"
-            path = RESULTS / name
+            path = results / name
             if path.exists():  # each row runs in a fresh process in practice; reuse finished ones
                 rows.append(json.loads(path.read_text()))
                 continue
             # One process per row, so its peak RSS is its own.
-            spec = json.dumps([task, kind, method, quant, max_steps, test_limit, k, str(path)])
+            spec = json.dumps([task, kind, method, quant, max_steps, test_limit, k, model_name, data_root, work,
+                               str(path)])
             done = subprocess.run([sys.executable, __file__, "--row", spec], stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 raise click.ClickException(f"row {name} failed:\n{done.stderr[-3000:]}")
@@ -151,7 +160,7 @@ def main(tasks, methods, quants, shots, max_steps, test_limit, row_spec):
             path.write_text(json.dumps(row, indent=1) + "\n")
             rows.append(row)
             click.echo(f"{task:<10} {row['method']:<22} {quant:<5} {row['metric']} {row['value']:.4f}")
-            write_doc()  # after every row: a long run that stops early still leaves its table
+            write_doc(results, Path(doc))  # after every row: a long run that stops early still leaves its table
     click.echo(write_table(rows))
 
 
@@ -167,9 +176,9 @@ def row_command(task: str, kind: str, method: str, quant: str, shots: int, max_s
     return " ".join(parts)
 
 
-def write_doc() -> None:
+def write_doc(results: Path, doc: Path) -> None:
     """docs/results.md: every stored row (all runs so far), by task, then hard prompts, then methods."""
-    rows = [json.loads(p.read_text()) for p in RESULTS.glob("*.json")]
+    rows = [json.loads(p.read_text()) for p in results.glob("*.json")]
     tasks = list(FOLDERS)
     from qprompt.methods import method_names
 
@@ -182,11 +191,14 @@ def write_doc() -> None:
     rows.sort(key=lambda r: (tasks.index(r["task"]), r["kind"], method_rank(r), r["method"],
                              r.get("settings", {}).get("init", ""),
                              r.get("settings", {}).get("lr", 0), r["quant"] != "nf4"))
-    doc = ROOT / "docs" / "results.md"
-    head = doc.read_text().split(TABLE_MARK)[0] if doc.exists() and TABLE_MARK in doc.read_text() else DOC_HEAD
-    doc.write_text(head + TABLE_MARK + "\n\nEach row's JSON in bench/results/quality/ holds its settings and the "
-                   "command that reruns it alone. Validation = the metric on 200 validation rows at the end of "
-                   "training.\n\n" + write_table(rows) + "\n")
+    text = doc.read_text() if doc.exists() else DOC_HEAD
+    start = text.find(TABLE_MARK)
+    start = len(text) if start == -1 else start
+    following = text.find("\n## ", start)  # the sections after the table are kept
+    tail = text[following:] if following != -1 else ""
+    doc.write_text(text[:start] + TABLE_MARK + "\n\nEach row's JSON in bench/results/quality/ holds its settings and "
+                   "the command that reruns it alone. Validation = the metric on 200 validation rows at the end of "
+                   "training.\n\n" + write_table(rows) + "\n" + tail)
 
 
 TABLE_MARK = "<!-- table: written by bench/quality.py -->"

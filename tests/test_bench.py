@@ -95,3 +95,25 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
     assert text.startswith("# Results\n\nkept text\n")
     rows = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| sentiment |")]
     assert rows == ["hard prompt 0-shot", "soft prompt", "LoRA"]
+
+
+def test_the_quality_benchmark_writes_its_rows_and_table(tiny_model_dir, tmp_path):
+    """Hard-prompt rows and one trained row on a data root made of the committed slices; the table replaces only
+    its own block of the page."""
+    from tests.kit import data_rows, write_jsonl
+
+    for split, n in (("train", 48), ("validation", 16), ("test", 16)):
+        (tmp_path / "data" / "rotten_tomatoes").mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / "data" / "rotten_tomatoes" / f"{split}.jsonl", data_rows("rotten_tomatoes", split, n))
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\n<!-- table: written by bench/quality.py -->\nold table\n\n## Later section\nkept\n")
+    done = bench("quality.py", "--tasks", "sentiment", "--methods", "prompt-tuning", "--quants", "none", "--shots", 2,
+                 "--max-steps", 1, "--test-limit", 8, "--model", tiny_model_dir, "--data-root", tmp_path / "data",
+                 "--work", tmp_path / "runs", "--results", tmp_path / "rows", "--doc", doc)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in (tmp_path / "rows").iterdir()}
+    assert set(rows) == {"hard prompt 0-shot", "hard prompt 2-shot", "prompt-tuning"}
+    assert rows["prompt-tuning"]["steps"] == 1 and all(r["test_rows"] == 8 for r in rows.values())
+    text = doc.read_text()
+    assert "old table" not in text and text.endswith("\n## Later section\nkept\n")
+    assert sum(line.startswith("| sentiment |") for line in text.splitlines()) == 3
