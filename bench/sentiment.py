@@ -26,7 +26,11 @@ DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 @click.option("--lr", type=float, default=None, help="Override the recipe's learning rate.")
 @click.option("--output", default="runs/bench-sentiment", show_default=True, help="Artifact folder (replaced).")
 @click.option("--out", "json_out", default=None, help="JSON results [default: bench/results/sentiment-QUANT.json].")
-def main(quant, max_steps, lr, output, json_out):
+@click.option("--model", "model_name", default=None, help="Base model [default: the recipe's].")
+@click.option("--data", "data_dir", default=str(DATA), show_default=True,
+              help="Folder of train.jsonl, validation.jsonl and test.jsonl.")
+@click.option("--test-limit", type=int, default=None, help="Score only the first N test rows.")
+def main(quant, max_steps, lr, output, json_out, model_name, data_dir, test_limit):
     sys.path.insert(0, str(ROOT))
     from machine import describe
 
@@ -35,11 +39,12 @@ def main(quant, max_steps, lr, output, json_out):
     from qprompt.pipeline import JobOptions, report_lines, train_and_compare
 
     quiet_libraries()
-    recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), quant=quant, train__max_steps=max_steps,
-                      train__lr=lr)
+    recipe = override(load_recipe_file(ROOT / "recipes" / "sentiment.yaml"), model=model_name, quant=quant,
+                      train__max_steps=max_steps, train__lr=lr)
+    data = Path(data_dir)
     start = time.perf_counter()
-    job = JobOptions(output=output, data=str(DATA / "train.jsonl"), eval_data=str(DATA / "validation.jsonl"),
-                     test_data=str(DATA / "test.jsonl"), overwrite=True)
+    job = JobOptions(output=output, data=str(data / "train.jsonl"), eval_data=str(data / "validation.jsonl"),
+                     test_data=str(data / "test.jsonl"), test_limit=test_limit, overwrite=True)
     result = train_and_compare(recipe, job)
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     for part in ("baseline", "soft_prompt"):

@@ -117,3 +117,12 @@ def test_the_quality_benchmark_writes_its_rows_and_table(tiny_model_dir, tmp_pat
     text = doc.read_text()
     assert "old table" not in text and text.endswith("\n## Later section\nkept\n")
     assert sum(line.startswith("| sentiment |") for line in text.splitlines()) == 3
+
+
+def test_the_sentiment_benchmark_runs_the_recipe_job(tiny_model_dir, sentiment_files, tmp_path):
+    out = tmp_path / "sentiment.json"
+    done = bench("sentiment.py", "--quant", "none", "--max-steps", 1, "--model", tiny_model_dir, "--data",
+                 sentiment_files["train"].parent, "--test-limit", 8, "--output", tmp_path / "run", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["soft_prompt"]["rows"] == result["baseline"]["rows"] == 8 and result["training"]["steps"] == 1
