@@ -62,13 +62,12 @@ def test_rows(artifact: Path, rows: int, path: str | None = None) -> list[dict]:
 
 def score(model, task: str | None, rows: list[dict], kind: str, label_field: str, labels: list[str]) -> dict:
     from qprompt.deploy.runtime import Sampling
-    from qprompt.metrics import classification_metrics, rouge_l
+    from qprompt.metrics import task_metrics
 
     refs = [str(r[label_field]) for r in rows]
-    if kind == "classification":
-        return classification_metrics(model.classify(rows, task=task), refs, labels)
-    preds = model.generate(rows, Sampling(max_new_tokens=64), task=task)
-    return {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
+    preds = (model.classify(rows, task=task) if kind == "classification" else
+             model.generate(rows, Sampling(max_new_tokens=64), task=task))
+    return task_metrics(kind, preds, refs, labels)
 
 
 @click.command()

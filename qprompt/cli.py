@@ -513,7 +513,7 @@ def _eval_export(folder, data, limit, batch_size, json_out, task=None):
     from .data import check_rows, read_rows
     from .deploy.manifest import ExportManifest
     from .deploy.runtime import Sampling
-    from .metrics import classification_metrics, rouge_l
+    from .metrics import task_metrics
 
     if data is None:
         raise QPromptError("scoring an export needs --data FILE with the recipe's fields and labels")
@@ -525,13 +525,12 @@ def _eval_export(folder, data, limit, batch_size, json_out, task=None):
     model = _open_export(folder)
     refs = [str(r[t.label_field]) for r in rows]
     start = time.perf_counter()
+    # Over-long rows cut as the recipe's own evaluation cuts them: the same metric as `qprompt eval ARTIFACT`.
     if t.kind == "classification":
-        # Over-long rows cut as the recipe's own evaluation cuts them: the same metric as `qprompt eval ARTIFACT`.
         preds = model.classify(rows, batch_size=batch_size, task=t.name, truncate=True)
-        metrics = classification_metrics(preds, refs, list(t.label_targets))
     else:
         preds = model.generate(rows, Sampling(max_new_tokens=64), task=t.name, truncate=True)
-        metrics = {"rouge_l": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(refs), "rows": len(refs)}
+    metrics = task_metrics(t.kind, preds, refs, list(t.label_targets))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     what = f"export {folder}{' task ' + t.name if len(m.tasks) > 1 else ''} ({m.quantization})"
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")

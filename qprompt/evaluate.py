@@ -13,7 +13,7 @@ import torch
 from .config import RecipeConfig
 from .data import Encoder, Example, collate
 from .forward import base_of, greedy_generate, next_token_logprobs, target_logprobs, virtual_tokens
-from .metrics import classification_metrics, rouge_l
+from .metrics import task_metrics
 
 
 @torch.no_grad()
@@ -86,11 +86,9 @@ def evaluate(model, tokenizer, recipe: RecipeConfig, rows: list[dict], where: st
     start = time.perf_counter()
     if recipe.task == "classification":
         predictions = classify(model, encoder, examples, batch_size)
-        metrics = classification_metrics(predictions, [e.label for e in examples], list(recipe.labels))
     else:
         predictions = generate_texts(model, tokenizer, [e.prompt_ids for e in examples])
-        scores = [rouge_l(p, e.label) for p, e in zip(predictions, examples)]
-        metrics = {"rouge_l": sum(scores) / len(scores), "rows": len(scores)}
+    metrics = task_metrics(recipe.task, predictions, [e.label for e in examples], list(recipe.labels))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     metrics["predictions"] = predictions
     return metrics

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def task_metrics(kind: str, predictions: list[str], references: list[str], labels: list[str]) -> dict:
+    """The scoring rule every path uses (PyTorch evaluation, `qprompt eval EXPORT`, the benches): accuracy, macro-F1
+    and per-label F1 for a classification task; mean ROUGE-L for a generation task."""
+    if kind == "classification":
+        return classification_metrics(predictions, references, labels)
+    scores = [rouge_l(p, r) for p, r in zip(predictions, references)]
+    return {"rouge_l": sum(scores) / len(scores), "rows": len(scores)}
+
+
 def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict:
     n = len(references)
     correct = sum(p == r for p, r in zip(predictions, references))
