@@ -126,3 +126,25 @@ def test_the_sentiment_benchmark_runs_the_recipe_job(tiny_model_dir, sentiment_f
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["soft_prompt"]["rows"] == result["baseline"]["rows"] == 8 and result["training"]["steps"] == 1
+
+
+def test_the_edge_benchmark_exports_each_graph_kind_and_scores_it(artifact_factory, tiny_model_dir, tmp_path):
+    """A tiny nf4-trained prompt through every graph kind made from an nf4 prompt, the builder's bare anchors, and
+    the accuracy part; the nf4 graph holds the very weights the prompt trained on, so it labels the rows as
+    PyTorch does (a flip needs two labels closer than the graph's rounding: at most one of 8 rows)."""
+    from tests.kit import data_rows, write_jsonl
+
+    (tmp_path / "data" / "rotten_tomatoes").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "rotten_tomatoes" / "test.jsonl", data_rows("rotten_tomatoes", "test", 8))
+    art = artifact_factory(quant="nf4")
+    out = tmp_path / "edge.json"
+    done = bench("edge.py", "--work", tmp_path / "work", "--artifact", f"sentiment:nf4={art}", "--model",
+                 tiny_model_dir, "--data", tmp_path / "data",
+                 "--parts", "exports,accuracy", "--limit", 8, "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    accuracy = json.loads(out.read_text())["accuracy"]
+    made = {"fp32", "int8", "int8-dynamic", "nf4", "int4-ptq", "written-fp32", "written-int4"}
+    assert {f"sentiment-{kind}" for kind in made} <= set(accuracy)
+    assert all(accuracy[f"sentiment-{kind}"]["rows"] == 8 for kind in made)
+    assert accuracy["sentiment-nf4"]["agreement_with_trained"] >= 7 / 8
+
