@@ -4,9 +4,10 @@ For each recipe, one `qprompt job` with the recipe's defaults: the hand-written 
 prompt, and LoRA / full fine-tuning trained on the same rows, batch and schedule for the soft prompt's training
 time (--budget time, the default here: the comparison at equal wall time) or its step count. Every row is scored on
 the same test rows. Each recipe's report goes to RESULTS/RECIPE.json (one there already is reused: delete it to
-measure again) and the table to docs/results.md.
+measure again, or --rerun some of its rows) and the table to docs/results.md.
 
     python bench/baselines.py --recipes sentiment,spam [--baselines hard,kshot,lora,full] [--budget time]
+    python bench/baselines.py --recipes sentiment --rerun lora,full     # those rows again, the rest kept
 """
 
 from __future__ import annotations
@@ -35,29 +36,45 @@ NAMES = {"hard": "hard prompt 0-shot", "kshot": "hard prompt 4-shot", "soft_prom
 @click.option("--results", type=click.Path(file_okay=False), default=str(ROOT / "bench" / "results" / "baselines"),
               show_default=True)
 @click.option("--doc", type=click.Path(dir_okay=False), default=str(ROOT / "docs" / "results.md"), show_default=True)
+@click.option("--rerun", default="", help="Baselines to measure again in a stored report (its other rows are kept; "
+              "the soft prompt in WORK/RECIPE is reused and scored again).")
 @click.argument("job_args", nargs=-1)
-def main(recipes, baselines, budget, work, results, doc, job_args):
+def main(recipes, baselines, budget, work, results, doc, rerun, job_args):
     """JOB_ARGS after `--` go to every `qprompt job` (e.g. -- --max-steps 20 --test-limit 200 train.eval_every=10)."""
     Path(results).mkdir(parents=True, exist_ok=True)
     reports = {}
     for recipe in recipes.split(","):
         path = Path(results) / f"{recipe}.json"
-        command = ["qprompt", "job", recipe, "--baselines", baselines, "--baseline-budget", budget,
-                   "--output", str(Path(work) / recipe), "--json", str(path), *job_args]
         if not path.exists():
-            click.echo(" ".join(command), err=True)
-            done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command[1:]])
-            if done.returncode != 0:
-                raise click.ClickException(f"the {recipe} job failed (exit {done.returncode})")
-            report = json.loads(path.read_text())
-            from machine import describe
-
-            report.update(command=" ".join(command), machine=describe())
-            path.write_text(json.dumps(report, indent=1) + "\n")
+            run_job(recipe, baselines, budget, work, path, job_args)
+        elif rerun:
+            stored = json.loads(path.read_text())
+            fresh = run_job(recipe, rerun, budget, work, path.with_suffix(".rerun.json"), job_args)
+            path.with_suffix(".rerun.json").unlink()
+            stored["baselines"].update(fresh["baselines"])
+            stored["soft_prompt"], stored["training"] = fresh["soft_prompt"], fresh["training"]
+            stored["reruns"] = [*stored.get("reruns", []), {"rows": rerun.split(","), "command": fresh["command"],
+                                                             "machine": fresh["machine"]}]
+            path.write_text(json.dumps(stored, indent=1) + "\n")
         reports[recipe] = json.loads(path.read_text())
     table = write_table(reports)
     click.echo(table)
     write_doc(Path(doc), table)
+
+
+def run_job(recipe: str, baselines: str, budget: str, work: str, path: Path, job_args: tuple) -> dict:
+    """`qprompt job RECIPE` with these baselines, its report (plus the command and machine) written to `path`."""
+    command = ["qprompt", "job", recipe, "--baselines", baselines, "--baseline-budget", budget,
+               "--output", str(Path(work) / recipe), "--json", str(path), *job_args]
+    click.echo(" ".join(command), err=True)
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command[1:]])
+    if done.returncode != 0:
+        raise click.ClickException(f"the {recipe} job failed (exit {done.returncode})")
+    from machine import describe
+
+    report = {**json.loads(path.read_text()), "command": " ".join(command), "machine": describe()}
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def write_table(reports: dict[str, dict]) -> str:

@@ -51,8 +51,9 @@ def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_m
 
 def test_a_time_budget_trains_as_many_steps_as_fit_in_the_soft_prompts_time(tiny_model_dir, sentiment_files,
                                                                              tmp_path, monkeypatch):
-    """--baseline-budget time: the step count comes from the time of the first steps (a clock that moves 10 s
-    per reading: the soft prompt's 2 steps take 10 s, so its 20 s hold 4), and the row says how many ran."""
+    """--baseline-budget time: the step count comes from the time of the steps after the first (a clock that moves
+    10 s per reading: the soft prompt took 2 steps, the second 10 s, so its 40 s hold 4), and the row says how many
+    ran and for how long (the clock read at the start, after steps 1 and 2, and at the end: 30 s)."""
     import types
 
     from qprompt import baselines
@@ -62,8 +63,8 @@ def test_a_time_budget_trains_as_many_steps_as_fit_in_the_soft_prompts_time(tiny
     recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
     splits = {"train": read_rows(str(sentiment_files["train"]))}
     test = read_rows(str(sentiment_files["test"]))[:8]
-    row = baselines.finetune("lora", recipe, splits, test, "test rows", 2, tmp_path / "lora", seconds=20.0)
-    assert row["steps"] == 4 and row["train_seconds"] == 20.0 and row["rows"] == 8
+    row = baselines.finetune("lora", recipe, splits, test, "test rows", 2, tmp_path / "lora", seconds=40.0)
+    assert row["steps"] == 4 and row["train_seconds"] == 30.0 and row["rows"] == 8
 
 
 def test_the_lora_baseline_exports_merged_into_its_base(tiny_model_dir, sentiment_files, tmp_path):
