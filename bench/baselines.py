@@ -51,10 +51,11 @@ def main(recipes, baselines, budget, work, results, doc, rerun, job_args):
             stored = json.loads(path.read_text())
             fresh = run_job(recipe, rerun, budget, work, path.with_suffix(".rerun.json"), job_args)
             path.with_suffix(".rerun.json").unlink()
+            replaced = {k: v for k, v in stored["baselines"].items() if k in fresh["baselines"]}
             stored["baselines"].update(fresh["baselines"])
             stored["soft_prompt"], stored["training"] = fresh["soft_prompt"], fresh["training"]
             stored["reruns"] = [*stored.get("reruns", []), {"rows": rerun.split(","), "command": fresh["command"],
-                                                             "machine": fresh["machine"]}]
+                                                             "machine": fresh["machine"], "replaced": replaced}]
             path.write_text(json.dumps(stored, indent=1) + "\n")
         reports[recipe] = json.loads(path.read_text())
     table = write_table(reports)

@@ -96,6 +96,16 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
     rows = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| sentiment |")]
     assert rows == ["hard prompt 0-shot", "soft prompt", "LoRA"]
 
+    # --rerun measures the named rows again and keeps the others (and what it replaced).
+    done = bench("baselines.py", "--recipes", "sentiment", "--budget", "steps", "--rerun", "lora", "--work",
+                 tmp_path / "work", "--results", tmp_path / "results", "--doc", doc, "--", *job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads((tmp_path / "results" / "sentiment.json").read_text())
+    assert again["baselines"]["hard"] == report["baselines"]["hard"]
+    rerun = again["reruns"][0]
+    assert rerun["rows"] == ["lora"] and rerun["replaced"]["lora"] == report["baselines"]["lora"]
+    assert not (tmp_path / "results" / "sentiment.rerun.json").exists()
+
 
 def test_the_quality_benchmark_writes_its_rows_and_table(tiny_model_dir, tmp_path):
     """Hard-prompt rows and one trained row on a data root made of the committed slices; the table replaces only
