@@ -157,7 +157,11 @@ def greedy_timers(model, prompt_ids, new_tokens) -> dict:
 @click.option("--parts", default="latency,agreement", show_default=True,
               help="Which parts to run (latency, agreement, genai); results merge into an existing --out file.")
 @click.option("--genai-rows", default=400, show_default=True, help="Test rows ORT GenAI and qprompt classify.")
-def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, reuse, parts, genai_rows):
+@click.option("--data", default=str(DATA), show_default=True,
+              help="Folder of the sentiment rows (validation.jsonl, test.jsonl).")
+def main(artifact, virtual_tokens, new_tokens, repeats, rows, work, json_out, reuse, parts, genai_rows, data):
+    global DATA
+    DATA = Path(data)
     sys.path.insert(0, str(ROOT))
     from qprompt.cli import quiet_libraries
 

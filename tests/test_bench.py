@@ -158,3 +158,16 @@ def test_the_edge_benchmark_exports_each_graph_kind_and_scores_it(artifact_facto
     assert all(accuracy[f"sentiment-{kind}"]["rows"] == 8 for kind in made)
     assert accuracy["sentiment-nf4"]["agreement_with_trained"] >= 7 / 8
 
+
+
+def test_the_inference_benchmark_scores_every_quantization_of_a_prompt(artifact_factory, sentiment_files, tmp_path):
+    """Its agreement part on a tiny nf4 prompt: every graph scores the rows; the nf4 graph (the trained-on weights
+    in MatMulBnb4) labels them as the float graph of those weights, up to a flip between near-equal labels."""
+    out = tmp_path / "inference.json"
+    done = bench("inference.py", "--parts", "agreement", "--artifact", artifact_factory(quant="nf4"), "--rows", 8,
+                 "--data", sentiment_files["test"].parent, "--work", tmp_path / "work", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads(out.read_text())["classification"]
+    assert {"fp32", "int8", "int8-dynamic", "int4", "nf4", "nf4 weights in fp32"} <= set(table)
+    assert all(row["rows"] == 8 for row in table.values())
+    assert table["nf4"]["agreement_with_nf4_weights"] >= 7 / 8
