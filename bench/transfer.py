@@ -45,29 +45,32 @@ def evaluations(run: Path) -> dict[int, float]:
     return {r["step"]: r["eval"] for r in lines if "eval" in r}
 
 
-def starting_metric(target: str, quant: str, init_from: str | None, seed: int) -> float:
+def starting_metric(target: str, quant: str, init_from: str | None, seed: int, model_name: str | None = None,
+                    eval_data: str | None = None) -> float:
     """The validation metric of the prompt a run starts from, on the rows its evaluations use."""
     from qprompt.config import load_recipe, override
-    from qprompt.data import load_splits
+    from qprompt.data import load_splits, read_rows
     from qprompt.evaluate import evaluate, main_metric
     from qprompt.methods import add_soft_prompt
     from qprompt.models import load_model
     from qprompt.transfer import start_from_artifact
 
-    recipe = override(load_recipe(target), quant=quant, method__init_from=init_from, train__seed=seed)
+    recipe = override(load_recipe(target), model=model_name, quant=quant, method__init_from=init_from,
+                      train__seed=seed)
     model, tokenizer, info = load_model(recipe.model, recipe.quant)
     model = add_soft_prompt(model, recipe, info.path, recipe.train.seed)
     if init_from:
         start_from_artifact(model, recipe.method.name, init_from, info.fingerprint)
     model.eval()
-    rows = load_splits(recipe)["validation"][: recipe.train.eval_rows]
+    rows = (read_rows(eval_data) if eval_data else load_splits(recipe)["validation"])[: recipe.train.eval_rows]
     return float(evaluate(model, tokenizer, recipe, rows)[main_metric(recipe)])
 
 
-def test_metric(run: Path, rows: int) -> float:
+def test_metric(run: Path, rows: int, test_data: str | None = None) -> float:
     out = run / "test.json"
     if not out.is_file():
-        qprompt("eval", str(run), "--limit", str(rows), "--json", str(out), log=run / "test.log")
+        data = ["--data", test_data] if test_data else []
+        qprompt("eval", str(run), "--limit", str(rows), "--json", str(out), *data, log=run / "test.log")
     result = json.loads(out.read_text())
     return result.get("accuracy", result.get("rouge_l"))
 
@@ -91,16 +94,26 @@ def cell(values: list[float | None]) -> str:
 @click.option("--test-rows", type=int, default=1000, show_default=True)
 @click.option("--quant", default="none", show_default=True)
 @click.option("--json", "json_out", default="bench/results/transfer.json", show_default=True)
-def main(target, sources, work, seeds, steps, eval_every, test_rows, quant, json_out):
+@click.option("--model", "model_name", default=None, help="Base model [default: the recipes'].")
+@click.option("--data", "data_files", multiple=True, help="RECIPE=FILE: that recipe's training rows [default: its "
+              "source]; repeatable.")
+@click.option("--eval-data", default=None, help="The target's validation rows [default: held out].")
+@click.option("--test-data", default=None, help="The target's test rows [default: its test split].")
+def main(target, sources, work, seeds, steps, eval_every, test_rows, quant, json_out, model_name, data_files,
+         eval_data, test_data):
+    files = dict(item.split("=", 1) for item in data_files)
+    model = ["--model", model_name] if model_name else []
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     source_rows = []
     for design in DESIGNS:
         run = work / f"source-{design}"
         if not (run / "qprompt.json").is_file():
+            source_data = [a for name in sources.split(",") if name in files
+                           for a in ("--data", f"{name}={files[name]}")]
             qprompt("multitask", *sources.split(","), "--quant", quant, "--method", design, "--virtual-tokens", "20",
                     "--init", "vocab", "--max-steps", str(steps), "--batch-size", "16", "--eval-every", "50",
-                    "--output", str(run), log=work / f"source-{design}.log")
+                    "--output", str(run), *model, *source_data, log=work / f"source-{design}.log")
         manifest = json.loads((run / "qprompt.json").read_text())
         source_rows.append({"design": DESIGNS[design], "method": design, "run": str(run),
                             "tasks": {t["name"]: t["validation"] for t in manifest["multitask"]["tasks"]},
@@ -113,18 +126,20 @@ def main(target, sources, work, seeds, steps, eval_every, test_rows, quant, json
         for seed in map(int, seeds.split(",")):
             run = work / f"{target}-from-{'text' if not extra else Path(extra[1]).name}{f'-seed{seed}' if seed else ''}"
             if not (run / "qprompt.json").is_file():
+                target_data = (["--data", files[target]] if target in files else []) + \
+                    (["--eval-data", eval_data] if eval_data else [])
                 qprompt("train", "--recipe", target, "--quant", quant, "--max-steps", str(steps), "--eval-every",
-                        str(eval_every), "--seed", str(seed), "--output", str(run), *extra,
+                        str(eval_every), "--seed", str(seed), "--output", str(run), *extra, *model, *target_data,
                         log=work / f"{run.name}.log")
             seen = evaluations(run)
             start_file = run / "start.json"  # step 0, measured once
             if not start_file.is_file():
-                start = starting_metric(target, quant, extra[1] if extra else None, seed)
+                start = starting_metric(target, quant, extra[1] if extra else None, seed, model_name, eval_data)
                 start_file.write_text(json.dumps({"eval": start}))
             seen[0] = json.loads(start_file.read_text())["eval"]
             target_rows.append({"start": name, "seed": seed, "run": str(run),
                                 "validation": {s: seen.get(s) for s in REPORT_STEPS},
-                                "test": test_metric(run, test_rows), "test_rows": test_rows})
+                                "test": test_metric(run, test_rows, test_data), "test_rows": test_rows})
 
     print(f"\nSources ({sources}), {steps} steps each: validation metric per task at the kept step")
     print("| design | " + " | ".join(source_rows[0]["tasks"]) + " | mean | train s |")

@@ -171,3 +171,20 @@ def test_the_inference_benchmark_scores_every_quantization_of_a_prompt(artifact_
     assert {"fp32", "int8", "int8-dynamic", "int4", "nf4", "nf4 weights in fp32"} <= set(table)
     assert all(row["rows"] == 8 for row in table.values())
     assert table["nf4"]["agreement_with_nf4_weights"] >= 7 / 8
+
+
+def test_the_transfer_benchmark_starts_a_task_from_each_multitask_prompt(tiny_model_dir, sentiment_files, tmp_path):
+    out = tmp_path / "transfer.json"
+    spam, nli = ROOT / "tests" / "data" / "sms_spam-train.jsonl", ROOT / "tests" / "data" / "snli-train.jsonl"
+    done = bench("transfer.py", "--target", "sentiment", "--sources", "spam,nli", "--seeds", "0", "--steps", 2,
+                 "--eval-every", 1, "--test-rows", 8, "--model", tiny_model_dir, "--data", f"spam={spam}", "--data",
+                 f"nli={nli}", "--data", f"sentiment={sentiment_files['train']}", "--eval-data",
+                 sentiment_files["validation"],
+                 "--test-data", sentiment_files["test"], "--work", tmp_path / "work", "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["source_runs"]] == ["prompt-tuning", "multitask-prompt-tuning"]
+    starts = [r["start"] for r in result["target_runs"]]
+    assert starts == ["instruction text", "multitask: shared prompt (SPoT)", "multitask: shared x per-task (MPT)"]
+    for run in result["target_runs"]:  # step 0 is the starting prompt, then the run's own evaluations
+        assert run["validation"]["0"] is not None and run["validation"]["5"] is None and run["test_rows"] == 8
