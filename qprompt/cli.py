@@ -613,7 +613,7 @@ def export_command(artifacts, output, names, multi_task, prefix_slots, add, remo
         data = export_lora(artifacts[0], output, quantize, overwrite, parity_tokens, graph=graph,
                            keep_float=keep_float, accuracy_level=accuracy_level, opset=opset)
     else:
-            data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
+        data = export(list(artifacts), output, quantize, opset, overwrite, parity_tokens, names=list(names) or None,
                       multi_task=multi_task, prefix_slots=prefix_slots, graph=graph, keep_float=keep_float,
                       accuracy_level=accuracy_level, ensemble=ensemble)
     for task in data.tasks:

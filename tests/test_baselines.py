@@ -1,6 +1,7 @@
 """`qprompt job --baselines`: the prompting and fine-tuning baselines scored beside the soft prompt."""
 
 import json
+import shutil
 
 import torch
 from click.testing import CliRunner
@@ -91,3 +92,9 @@ def test_the_lora_baseline_exports_merged_into_its_base(tiny_model_dir, sentimen
 
     refused = cli("export", out / "baselines" / "lora", out, "--output", tmp_path / "two")
     assert_one_error(refused, "a LoRA adapter is merged into its base and exports alone")
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "baselines" / "lora", broken)
+    (broken / "qprompt-lora.json").write_text('{"format": "qprompt-lora", "recipe": {}}')
+    assert_one_error(cli("export", broken, "--output", tmp_path / "none"), "qprompt-lora.json lacks the key "
+                     "'base_quant'", "qprompt job --baselines lora")
+    assert not (tmp_path / "none").exists()

@@ -19,6 +19,7 @@ from ..deploy.manifest import ExportManifest
 from ..errors import QPromptError
 
 LORA_RECORD = "qprompt-lora.json"  # written beside the adapter by the job: its recipe and the base it trained on
+RECORD_FORMAT = "qprompt-lora"
 
 
 def is_lora(folder: str | Path) -> bool:
@@ -34,14 +35,15 @@ def is_lora(folder: str | Path) -> bool:
 
 def write_record(folder: Path, recipe, base_quant: str, base: dict) -> None:
     """What `export_lora` needs besides the adapter: the task (template, labels) and the base's quantization."""
-    (folder / LORA_RECORD).write_text(json.dumps({"recipe": recipe.to_dict(), "base_quant": base_quant,
-                                                  "base": base}, indent=1) + "\n")
+    (folder / LORA_RECORD).write_text(json.dumps({"format": RECORD_FORMAT, "recipe": recipe.to_dict(),
+                                                  "base_quant": base_quant, "base": base}, indent=1) + "\n")
 
 
 def export_lora(adapter: str | Path, output: str | Path, quantize: str = "none", overwrite: bool = False,
                 parity_tokens: int = 8, **options) -> ExportManifest:
     """Merge the LoRA adapter in `adapter` into its base and export that model to `output` (see `export`)."""
     from ..artifact import recipe_of
+    from ..deploy.runtime import read_json_object
     from .build import export
     from .folder import check_export_output
 
@@ -50,7 +52,8 @@ def export_lora(adapter: str | Path, output: str | Path, quantize: str = "none",
     if not record_path.is_file():
         raise QPromptError(f"{adapter} holds a LoRA adapter without {LORA_RECORD} (the task it was trained for); "
                            "export one that `qprompt job --baselines lora` trained")
-    record = json.loads(record_path.read_text())
+    record = read_json_object(record_path, RECORD_FORMAT, ("recipe", "base_quant", "base.name"),
+                              "train the LoRA baseline again with `qprompt job --baselines lora`")
     recipe = recipe_of(record)
     check_export_output(output, adapter, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,7 @@ def export_lora(adapter: str | Path, output: str | Path, quantize: str = "none",
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # The export's base is the merged model; its name says what it is made of (not the removed work folder).
-    data.base = {**data.base, "name": f"{record['base'].get('name', recipe.model)} + LoRA {adapter.name}"}
+    data.base = {**data.base, "name": f"{record['base']['name']} + LoRA {adapter.name}"}
     for task in data.tasks:
         task.source = {**task.source, "artifact": adapter.name, "method": "lora", "base": data.base}
     data.write(output)
