@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -97,6 +99,22 @@ def quiet_libraries() -> None:
 @click.version_option(package_name="qprompt")
 def main() -> None:
     """Train soft prompts on 4/8-bit LLMs, evaluate them, and ship them to the edge."""
+    terminate_like_ctrl_c(click.get_current_context())
+
+
+def terminate_like_ctrl_c(ctx: click.Context) -> None:
+    """`kill PID` (SIGTERM: what job schedulers, `docker stop` and systemd send) ends a command the way Ctrl-C
+    does: training saves its checkpoint, a tune ends its study cleanly. Background jobs of a non-interactive shell
+    ignore SIGINT, so SIGTERM is often the only polite signal they get. The previous handler comes back when the
+    command ends (tests invoke the CLI in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 class MethodChoice(click.Choice):

@@ -34,11 +34,11 @@ def nth_call():
     calls["n"] += 1
     return calls["n"] == at
 
-if mode == "step":  # grad_accum is 1: the at-th micro-batch starts optimizer step `at`
+if mode in ("step", "term"):  # grad_accum is 1: the at-th micro-batch starts optimizer step `at`
     real_logprobs = qtrain.target_logprobs
     def logprobs(model, batch):
         if nth_call():
-            die()
+            die() if mode == "step" else os.kill(os.getpid(), signal.SIGTERM)  # what `kill PID` sends
         return real_logprobs(model, batch)
     qtrain.target_logprobs = logprobs
 elif mode == "save":  # the at-th state.pt: half its bytes reach the disk, then the kill
@@ -107,6 +107,20 @@ KILLS = [
     ("save", 1, {"checkpoint": 2, "checkpoint.partial": None}),  # resumed, halfway through step 4's state.pt
     ("rename", 1, {"checkpoint.old": 2, "checkpoint.partial": 4}),  # resumed: step 2's set aside, 4's not in place
 ]
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_resumes_to_the_uninterrupted_prompt(job, tmp_path):
+    """`kill PID` (SIGTERM: what job schedulers, `docker stop` and systemd send) ends a run the way Ctrl-C does."""
+    out = tmp_path / "run"
+    killed = _train(job, out, "term", 3)
+    assert killed.returncode == 2, killed.stderr[-2000:]
+    assert killed.stderr.strip().splitlines()[-1].startswith("error: interrupted at step 2; checkpoint saved")
+    assert _load_state(out / "checkpoint" / "state.pt")["step"] == 2
+    resumed = _train(job, out, "none", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    x, y = (load_file(o / "adapter_model.safetensors") for o in (tmp_path / "straight", out))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert _logged(out) == _logged(tmp_path / "straight")
 
 
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_prompt(job, tmp_path):
