@@ -9,8 +9,9 @@
 The fine-tuning baselines train on the soft prompt's training rows with its batch size, its learning-rate schedule
 (warm-up then cosine) and, at the learning rate usual for each kind, either as many optimizer steps as the soft
 prompt took (budget "steps") or as many as fit in the soft prompt's training time (budget "time": the step count
-is set from the time of steps 2 to 4, so the schedule still ends where training ends); each row records its
-metric, trainable parameters, steps, training wall time, peak memory and artifact size.
+is estimated from the mean time of the steps after the first, again after every step, so the schedule still ends
+where training ends); each row records its metric, trainable parameters, steps, training wall time, peak memory and
+artifact size.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     torch.manual_seed(cfg.seed)
     model.train()
     log.info("%s baseline: %d steps of batch %d at lr %g (%s base)", kind, steps, batch_size, lr, quant)
-    start = time.perf_counter()
+    start = now = time.perf_counter()
     step, timed_at = 0, min(1 + TIMED_STEPS, steps) if seconds is not None else None
     with PeakMemory(model.device) as memory:
         while step < steps:
@@ -114,13 +115,19 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if seconds is not None and step == 1:
-                first = time.perf_counter()
-            if step == timed_at:  # the step count the time budget holds
-                per_step = (time.perf_counter() - first) / (step - 1) if step > 1 else first - start
-                steps = schedule_cfg.max_steps = max(step, round(seconds / per_step))
-                log.info("%s baseline: %.1f s per step; %d steps fit in %.0f s", kind, per_step, steps, seconds)
-    elapsed = time.perf_counter() - start
+            if seconds is None:
+                continue
+            now = time.perf_counter()
+            if step == 1:
+                first = now
+            if step >= timed_at:  # the step count the time budget holds, re-estimated after every step: later
+                # steps can run slower than the first few (the machine's load, the optimizer's state growing)
+                per_step = (now - first) / (step - 1) if step > 1 else first - start
+                steps = schedule_cfg.max_steps = step + max(0, round((seconds - (now - start)) / per_step))
+                if step == timed_at:
+                    log.info("%s baseline: %.1f s per step; about %d steps fit in %.0f s", kind, per_step, steps,
+                             seconds)
+    elapsed = (now if seconds is not None else time.perf_counter()) - start
     model.eval()
     metrics = evaluate(model, tokenizer, recipe, test, where)
     if kind == "lora":  # the artifact a user keeps: the adapter, and what `qprompt export` needs to deploy it

@@ -50,22 +50,36 @@ def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_m
     assert rows["lora"]["artifact_bytes"] >= 4 * rows["lora"]["trainable_parameters"]  # float32 weights, + config
 
 
-def test_a_time_budget_trains_as_many_steps_as_fit_in_the_soft_prompts_time(tiny_model_dir, sentiment_files,
-                                                                             tmp_path, monkeypatch):
-    """--baseline-budget time: the step count comes from the time of the steps after the first (a clock that moves
-    10 s per reading: the soft prompt took 2 steps, the second 10 s, so its 40 s hold 4), and the row says how many
-    ran and for how long (the clock read at the start, after steps 1 and 2, and at the end: 30 s)."""
+def _finetune_with_clock(tiny_model_dir, sentiment_files, tmp_path, monkeypatch, step_seconds, budget):
+    """A LoRA baseline of budget `budget` s whose k-th step takes step_seconds(k) on a fake clock (the soft prompt
+    took 2 steps)."""
+    import itertools
     import types
 
     from qprompt import baselines
 
-    calls = iter(range(0, 10_000, 10))
-    monkeypatch.setattr(baselines, "time", types.SimpleNamespace(perf_counter=lambda: float(next(calls))))
+    readings = itertools.accumulate((step_seconds(k) for k in itertools.count(1)), initial=0.0)
+    monkeypatch.setattr(baselines, "time", types.SimpleNamespace(perf_counter=lambda: float(next(readings))))
     recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
     splits = {"train": read_rows(str(sentiment_files["train"]))}
     test = read_rows(str(sentiment_files["test"]))[:8]
-    row = baselines.finetune("lora", recipe, splits, test, "test rows", 2, tmp_path / "lora", seconds=40.0)
-    assert row["steps"] == 4 and row["train_seconds"] == 30.0 and row["rows"] == 8
+    return baselines.finetune("lora", recipe, splits, test, "test rows", 2, tmp_path / "lora", seconds=budget)
+
+
+def test_a_time_budget_trains_as_many_steps_as_fit_in_the_soft_prompts_time(tiny_model_dir, sentiment_files,
+                                                                             tmp_path, monkeypatch):
+    """--baseline-budget time: steps of 10 s, the soft prompt's 40 s hold 4 (it took 2), and the row says how many
+    ran and for how long."""
+    row = _finetune_with_clock(tiny_model_dir, sentiment_files, tmp_path, monkeypatch, lambda k: 10.0, 40.0)
+    assert row["steps"] == 4 and row["train_seconds"] == 40.0 and row["rows"] == 8
+
+
+def test_a_time_budget_follows_steps_that_slow_down(tiny_model_dir, sentiment_files, tmp_path, monkeypatch):
+    """Steps 1-4 take 10 s, later ones 20 s: an estimate made once from steps 2-4 would run 15 steps (260 s for a
+    150 s budget); re-estimated after every step, the run ends within one step of the budget: 10 steps, 160 s."""
+    row = _finetune_with_clock(tiny_model_dir, sentiment_files, tmp_path, monkeypatch,
+                               lambda k: 10.0 if k <= 4 else 20.0, 150.0)
+    assert row["steps"] == 10 and row["train_seconds"] == 160.0
 
 
 def test_the_lora_baseline_exports_merged_into_its_base(tiny_model_dir, sentiment_files, tmp_path):
