@@ -86,25 +86,36 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
            sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 2,
            "--virtual-tokens", 4, "train.batch_size=8", "train.eval_every=0"]
     done = bench("baselines.py", "--recipes", "sentiment", "--baselines", "hard,lora", "--budget", "steps",
-                 "--work", tmp_path / "work", "--results", tmp_path / "results", "--doc", doc, "--", *job)
+                 "--work", tmp_path / "work", "--results", tmp_path / "results", "--doc", doc,
+                 "--deploy-quantize", "none", "--", *job)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results" / "sentiment.json").read_text())
     assert report["baselines"]["lora"]["steps"] == report["soft_prompt"]["steps"] == 2
     assert report["command"].startswith("qprompt job sentiment --baselines hard,lora --baseline-budget steps")
+    # The deploy columns: each float graph scores the 32 test rows as PyTorch did (a flip needs two label scores
+    # closer than float32 rounding: one row at most), and the LoRA graph carries merged weights, not an adapter.
+    deployed = report["deploy"]["rows"]
+    assert report["deploy"]["quantize"] == "none" and set(deployed) == {"soft_prompt", "lora"}
+    for name, torch_row in (("soft_prompt", report["soft_prompt"]), ("lora", report["baselines"]["lora"])):
+        assert deployed[name]["rows"] == torch_row["rows"] == 32
+        assert abs(deployed[name]["accuracy"] - torch_row["accuracy"]) <= 1 / 32, name
+    assert deployed["lora"]["graph_bytes"] > 4 * report["baselines"]["lora"]["trainable_parameters"]
     text = doc.read_text()
     assert text.startswith("# Results\n\nkept text\n")
-    rows = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| sentiment |")]
-    assert rows == ["hard prompt 0-shot", "soft prompt", "LoRA"]
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| sentiment |")]
+    assert [r[1] for r in rows] == ["hard prompt 0-shot", "soft prompt", "LoRA"]
+    assert [r[10] for r in rows] == ["–", "none", "none"]  # the graph column
 
     # --rerun measures the named rows again and keeps the others (and what it replaced).
     done = bench("baselines.py", "--recipes", "sentiment", "--budget", "steps", "--rerun", "lora", "--work",
-                 tmp_path / "work", "--results", tmp_path / "results", "--doc", doc, "--", *job)
+                 tmp_path / "work", "--results", tmp_path / "results", "--doc", doc, "--no-deploy", "--", *job)
     assert done.returncode == 0, done.stderr[-2000:]
     again = json.loads((tmp_path / "results" / "sentiment.json").read_text())
     assert again["baselines"]["hard"] == report["baselines"]["hard"]
     rerun = again["reruns"][0]
     assert rerun["rows"] == ["lora"] and rerun["replaced"]["lora"] == report["baselines"]["lora"]
     assert not (tmp_path / "results" / "sentiment.rerun.json").exists()
+    assert set(again["deploy"]["rows"]) == {"soft_prompt"}  # the retrained LoRA's old graph is no longer its own
 
 
 def test_the_quality_benchmark_writes_its_rows_and_table(tiny_model_dir, tmp_path):
