@@ -11,6 +11,7 @@ there already is reused: delete it to measure again, or --rerun some of its rows
 
     python bench/baselines.py --recipes sentiment,spam [--baselines hard,kshot,lora,full] [--budget time]
     python bench/baselines.py --recipes sentiment --rerun lora,full     # those rows again, the rest kept
+    python bench/baselines.py --recipes sentiment --rerun lora,full --work NEW   # a new soft prompt (new defaults)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ NAMES = {"hard": "hard prompt 0-shot", "kshot": "hard prompt 4-shot", "soft_prom
               show_default=True)
 @click.option("--doc", type=click.Path(dir_okay=False), default=str(ROOT / "docs" / "results.md"), show_default=True)
 @click.option("--rerun", default="", help="Baselines to measure again in a stored report (its other rows are kept; "
-              "the soft prompt in WORK/RECIPE is reused and scored again).")
+              "the soft prompt in WORK/RECIPE is reused and scored again, or trained if WORK has none).")
 @click.option("--deploy-quantize", type=click.Choice(["none", "int8", "int4", "nf4", "fp4"]), default="int4",
               show_default=True, help="The exported graphs' weights (`qprompt export --quantize`).")
 @click.option("--no-deploy", is_flag=True, help="Skip the export and the graphs' scoring.")
@@ -60,8 +61,12 @@ def main(recipes, baselines, budget, work, results, doc, rerun, deploy_quantize,
             fresh = run_job(recipe, rerun, budget, work, path.with_suffix(".rerun.json"), job_args)
             path.with_suffix(".rerun.json").unlink()
             replaced = {k: v for k, v in stored["baselines"].items() if k in fresh["baselines"]}
+            if fresh["training"] != stored["training"]:  # a new soft prompt (a --work without one): recorded too
+                replaced["soft_prompt"] = stored["soft_prompt"]
+                stored.get("deploy", {}).get("rows", {}).pop("soft_prompt", None)
             stored["baselines"].update(fresh["baselines"])
             stored["soft_prompt"], stored["training"] = fresh["soft_prompt"], fresh["training"]
+            stored["output"] = fresh["output"]
             stored["reruns"] = [*stored.get("reruns", []), {"rows": rerun.split(","), "command": fresh["command"],
                                                              "machine": fresh["machine"], "replaced": replaced}]
             for name in fresh["baselines"]:  # a retrained row's graph is measured again

@@ -117,6 +117,15 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
     assert not (tmp_path / "results" / "sentiment.rerun.json").exists()
     assert set(again["deploy"]["rows"]) == {"soft_prompt"}  # the retrained LoRA's old graph is no longer its own
 
+    # A --work without a soft prompt trains one (new recipe defaults): the old row is recorded, its graph dropped.
+    done = bench("baselines.py", "--recipes", "sentiment", "--budget", "steps", "--rerun", "lora", "--work",
+                 tmp_path / "work2", "--results", tmp_path / "results", "--doc", doc, "--no-deploy", "--", *job,
+                 "train.seed=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    third = json.loads((tmp_path / "results" / "sentiment.json").read_text())
+    assert third["output"] == str(tmp_path / "work2" / "sentiment") and not third["deploy"]["rows"]
+    assert third["reruns"][1]["replaced"]["soft_prompt"] == again["soft_prompt"]
+
 
 def test_the_quality_benchmark_writes_its_rows_and_table(tiny_model_dir, tmp_path):
     """Hard-prompt rows and one trained row on a data root made of the committed slices; the table replaces only
