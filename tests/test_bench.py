@@ -208,3 +208,34 @@ def test_the_transfer_benchmark_starts_a_task_from_each_multitask_prompt(tiny_mo
     assert starts == ["instruction text", "multitask: shared prompt (SPoT)", "multitask: shared x per-task (MPT)"]
     for run in result["target_runs"]:  # step 0 is the starting prompt, then the run's own evaluations
         assert run["validation"]["0"] is not None and run["validation"]["5"] is None and run["test_rows"] == 8
+
+
+def test_the_tune_table_is_read_from_the_study_database(tmp_path):
+    """Two finished trials and a pruned one: each row holds the trial's settings and its reported values; the best
+    is marked; a second run replaces the page's block and keeps the rest."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="sentiment", storage=storage, direction="maximize")
+    dist = {"method": optuna.distributions.CategoricalDistribution(["prompt-tuning"]),
+            "lr_factor": optuna.distributions.FloatDistribution(0.2, 5.0, log=True),
+            "virtual_tokens": optuna.distributions.CategoricalDistribution([8, 20]),
+            "init": optuna.distributions.CategoricalDistribution(["text", "vocab"])}
+    for tokens, init, values, state in ((20, "text", {55: 0.835, 110: 0.848}, "COMPLETE"),
+                                        (8, "vocab", {55: 0.814, 110: 0.861}, "COMPLETE"),
+                                        (8, "text", {55: 0.70}, "PRUNED")):
+        study.add_trial(optuna.trial.create_trial(
+            params={"method": "prompt-tuning", "lr_factor": 1.0, "virtual_tokens": tokens, "init": init},
+            distributions=dist, value=max(values.values()) if state == "COMPLETE" else None,
+            intermediate_values=values, state=getattr(optuna.trial.TrialState, state),
+            user_attrs={"lr": 0.03, "seconds": 300.0}))
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkept\n")
+    for _ in range(2):
+        done = bench("tune_table.py", "--storage", storage, "--study", "sentiment", "--doc", doc)
+        assert done.returncode == 0, done.stderr[-2000:]
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkept\n") and text.count("## Tune: study sentiment") == 1
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r[0] for r in rows] == ["| 0", "| 1 (best)", "| 2"]
+    assert [r[7:10] for r in rows] == [["83.5", "84.8", "84.8"], ["81.4", "86.1", "**86.1**"], ["70.0", "", ""]]

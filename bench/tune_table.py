@@ -1,0 +1,74 @@
+"""The trials of a `qprompt tune` study as a table in docs/results.md (between this script's marks, one block per
+study), read from the study's database: the figures in the page are the database's, not copied by hand.
+
+    python bench/tune_table.py --storage sqlite:///bench/results/tune-sentiment-study.db --study sentiment
+
+Each row: the trial's state, its settings, the validation metric it reported at each evaluation step, and its
+final (best) value; the best finished trial is marked. Prints the table and writes it to --doc.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import optuna
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def marks(study: str) -> tuple[str, str]:
+    return (f"<!-- table: written by bench/tune_table.py, study {study} -->",
+            f"<!-- end of bench/tune_table.py's table, study {study} -->")
+
+
+def table(study: optuna.Study) -> str:
+    from qprompt.tune import trial_row
+
+    trials = study.get_trials(deepcopy=False)
+    steps = sorted({s for t in trials for s in t.intermediate_values})
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value).number if complete else None
+    head = ["trial", "state", "method", "virtual tokens", "init", "options", "lr",
+            *[f"step {s}" for s in steps], "value", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for t in trials:
+        r = trial_row(t)
+        value = "" if r["value"] is None else f"{r['value'] * 100:.1f}"
+        cells = [str(r["trial"]) + (" (best)" if r["trial"] == best else ""), r["state"], r["method"] or "",
+                 str(r["virtual_tokens"] or ""), r["init"], r["options"], "" if r["lr"] is None else f"{r['lr']:.3g}",
+                 *[f"{t.intermediate_values[s] * 100:.1f}" if s in t.intermediate_values else "" for s in steps],
+                 f"**{value}**" if r["trial"] == best else value,
+                 "" if r["seconds"] is None else f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, name: str, text: str) -> None:
+    start, end = marks(name)
+    page = doc.read_text() if doc.exists() else ""
+    block = f"{start}\n\n{text}\n\n{end}"
+    if start in page and end in page:
+        page = page[: page.index(start)] + block + page[page.index(end) + len(end):]
+    else:
+        page = page.rstrip() + f"\n\n## Tune: study {name}\n\n" + block + "\n"
+    doc.write_text(page)
+
+
+@click.command()
+@click.option("--storage", required=True, help="The study's database (SQLAlchemy URL, as `qprompt tune --storage`).")
+@click.option("--study", "study_name", required=True, help="The study's name (`qprompt tune`: the recipe's name).")
+@click.option("--doc", type=click.Path(dir_okay=False), default=str(ROOT / "docs" / "results.md"), show_default=True)
+def main(storage, study_name, doc):
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    text = table(optuna.load_study(study_name=study_name, storage=storage))
+    click.echo(text)
+    write_doc(Path(doc), study_name, text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
