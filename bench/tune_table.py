@@ -3,8 +3,8 @@ study), read from the study's database: the figures in the page are the database
 
     python bench/tune_table.py --storage sqlite:///bench/results/tune-sentiment-study.db --study sentiment
 
-Each row: the trial's state, its settings, the validation metric it reported at each evaluation step, and its
-final (best) value; the best finished trial is marked. Prints the table and writes it to --doc.
+Each row: the trial's state, its settings, the validation metric it reported at each evaluation step, and (for a
+finished trial) its value, the best of those; the best finished trial is marked. Prints the table and writes it to --doc.
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ def table(study: optuna.Study) -> str:
     steps = sorted({s for t in trials for s in t.intermediate_values})
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value).number if complete else None
-    head = ["trial", "state", "method", "virtual tokens", "init", "options", "lr",
+    rows = [trial_row(t) for t in trials]
+    with_options = any(r["options"] for r in rows)  # method options (P-tuning's encoder): a column when searched
+    head = ["trial", "state", "method", "virtual tokens", "init", *(["options"] if with_options else []), "lr",
             *[f"step {s}" for s in steps], "value", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for t in trials:
-        r = trial_row(t)
-        value = "" if r["value"] is None else f"{r['value'] * 100:.1f}"
+    for t, r in zip(trials, rows):
+        # A pruned trial's value is only its last report: the value column is for trials that finished.
+        value = f"{r['value'] * 100:.1f}" if r["state"] == "complete" else ""
         cells = [str(r["trial"]) + (" (best)" if r["trial"] == best else ""), r["state"], r["method"] or "",
-                 str(r["virtual_tokens"] or ""), r["init"], r["options"], "" if r["lr"] is None else f"{r['lr']:.3g}",
+                 str(r["virtual_tokens"] or ""), r["init"], *([r["options"]] if with_options else []),
+                 "" if r["lr"] is None else f"{r['lr']:.3g}",
                  *[f"{t.intermediate_values[s] * 100:.1f}" if s in t.intermediate_values else "" for s in steps],
                  f"**{value}**" if r["trial"] == best else value,
                  "" if r["seconds"] is None else f"{r['seconds']:.0f}"]

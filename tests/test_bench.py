@@ -238,4 +238,4 @@ def test_the_tune_table_is_read_from_the_study_database(tmp_path):
     assert text.startswith("# Results\n\nkept\n") and text.count("## Tune: study sentiment") == 1
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r[0] for r in rows] == ["| 0", "| 1 (best)", "| 2"]
-    assert [r[7:10] for r in rows] == [["83.5", "84.8", "84.8"], ["81.4", "86.1", "**86.1**"], ["70.0", "", ""]]
+    assert [r[6:9] for r in rows] == [["83.5", "84.8", "84.8"], ["81.4", "86.1", "**86.1**"], ["70.0", "", ""]]
