@@ -161,7 +161,7 @@ def write_table(reports: dict[str, dict]) -> str:
                             f"{'–' if peak is None else f'{peak:.2f}'} | {r['artifact_bytes'] / 1024:,.0f} KB |"
                             if trained else "0 | – | – | – | – |")
                          + (f" {deployed['quantize']} | {deployed['rows'][name][m]:.4f} | "
-                            f"{deployed['rows'][name]['graph_bytes'] / 1024**2:,.1f} MB | "
+                            f"{deployed['rows'][name]['graph_bytes'] / 1024**2:,.1f} MiB | "
                             f"{deployed['rows'][name]['rows_per_s']:.1f} |" if name in deployed["rows"]
                             else " – | – | – | – |"))
     return "\n".join(lines)

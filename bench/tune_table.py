@@ -4,7 +4,8 @@ study), read from the study's database: the figures in the page are the database
     python bench/tune_table.py --storage sqlite:///bench/results/tune-sentiment-study.db --study sentiment
 
 Each row: the trial's state, its settings, the validation metric it reported at each evaluation step, and (for a
-finished trial) its value, the best of those; the best finished trial is marked. Prints the table and writes it to --doc.
+finished trial) its value, the best of those; the best finished trial is marked.
+Prints the table and writes it to --doc.
 """
 
 from __future__ import annotations

