@@ -28,6 +28,7 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+TOKENS = 20  # every prompt, source and target, has this length: a start from another prompt needs it
 DESIGNS = {"prompt-tuning": "shared prompt (SPoT)", "multitask-prompt-tuning": "shared x per-task (MPT)"}
 REPORT_STEPS = (0, 5, 10, 25, 50, 100)
 
@@ -56,7 +57,7 @@ def starting_metric(target: str, quant: str, init_from: str | None, seed: int, m
     from qprompt.transfer import start_from_artifact
 
     recipe = override(load_recipe(target), model=model_name, quant=quant, method__init_from=init_from,
-                      train__seed=seed)
+                      method__virtual_tokens=TOKENS, train__seed=seed)
     model, tokenizer, info = load_model(recipe.model, recipe.quant)
     model = add_soft_prompt(model, recipe, info.path, recipe.train.seed)
     if init_from:
@@ -111,8 +112,9 @@ def main(target, sources, work, seeds, steps, eval_every, test_rows, quant, json
         if not (run / "qprompt.json").is_file():
             source_data = [a for name in sources.split(",") if name in files
                            for a in ("--data", f"{name}={files[name]}")]
-            qprompt("multitask", *sources.split(","), "--quant", quant, "--method", design, "--virtual-tokens", "20",
-                    "--init", "vocab", "--max-steps", str(steps), "--batch-size", "16", "--eval-every", "50",
+            qprompt("multitask", *sources.split(","), "--quant", quant, "--method", design,
+                    "--virtual-tokens", str(TOKENS), "--init", "vocab", "--max-steps", str(steps), "--batch-size", "16",
+                    "--eval-every", "50",
                     "--output", str(run), *model, *source_data, log=work / f"source-{design}.log")
         manifest = json.loads((run / "qprompt.json").read_text())
         source_rows.append({"design": DESIGNS[design], "method": design, "run": str(run),
@@ -129,7 +131,8 @@ def main(target, sources, work, seeds, steps, eval_every, test_rows, quant, json
                 target_data = (["--data", files[target]] if target in files else []) + \
                     (["--eval-data", eval_data] if eval_data else [])
                 qprompt("train", "--recipe", target, "--quant", quant, "--max-steps", str(steps), "--eval-every",
-                        str(eval_every), "--seed", str(seed), "--output", str(run), *extra, *model, *target_data,
+                        str(eval_every), "--virtual-tokens", str(TOKENS), "--seed", str(seed), "--output", str(run),
+                        *extra, *model, *target_data,
                         log=work / f"{run.name}.log")
             seen = evaluations(run)
             start_file = run / "start.json"  # step 0, measured once
