@@ -89,15 +89,20 @@ def run_job(recipe: str, baselines: str, budget: str, work: str, path: Path, job
     """`qprompt job RECIPE` with these baselines, its report (plus the command and machine) written to `path`."""
     command = ["qprompt", "job", recipe, "--baselines", baselines, "--baseline-budget", budget,
                "--output", str(Path(work) / recipe), "--json", str(path), *job_args]
-    click.echo(" ".join(command), err=True)
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command[1:]])
-    if done.returncode != 0:
-        raise click.ClickException(f"the {recipe} job failed (exit {done.returncode})")
+    qprompt(command)
     from machine import describe
 
     report = {**json.loads(path.read_text()), "command": " ".join(command), "machine": describe()}
     path.write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def qprompt(command: list[str]) -> None:
+    """Run `qprompt ...` from this checkout (cli.py), echoing the command; a failure ends the benchmark."""
+    click.echo(" ".join(command), err=True)
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command[1:]])
+    if done.returncode != 0:
+        raise click.ClickException(f"`{' '.join(command)}` failed (exit {done.returncode})")
 
 
 def option_value(args: tuple, name: str) -> str | None:
@@ -127,13 +132,9 @@ def deploy(recipe: str, report: dict, work: Path, quantize: str, job_args: tuple
         export = ["qprompt", "export", str(artifact), "--output", str(folder), "--quantize", quantize, "--overwrite"]
         score = ["qprompt", "eval", str(folder), "--data", str(data), "--json", str(scored)]
         start = time.perf_counter()
-        for command in (export, score):
-            click.echo(" ".join(command), err=True)
-            done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command[1:]])
-            if done.returncode != 0:
-                raise click.ClickException(f"`{' '.join(command)}` failed (exit {done.returncode})")
-            if command is export:
-                export_seconds = time.perf_counter() - start
+        qprompt(export)
+        export_seconds = time.perf_counter() - start
+        qprompt(score)
         result = json.loads(scored.read_text())
         result.pop("predictions")
         graph = sum(f.stat().st_size for f in folder.iterdir() if ".onnx" in f.name)
@@ -169,14 +170,10 @@ def write_table(reports: dict[str, dict]) -> str:
 
 def write_doc(doc: Path, table: str) -> None:
     """Put the table between its marks in `doc` (appended the first time); the rest of the file is kept."""
-    text = doc.read_text() if doc.exists() else ""
-    block = (f"{TABLE_MARK}\n\nEach recipe's JSON in bench/results/baselines/ holds its rows and the command that "
-             f"made them.\n\n{table}\n\n{END_MARK}")
-    if TABLE_MARK in text and END_MARK in text:
-        text = text[: text.index(TABLE_MARK)] + block + text[text.index(END_MARK) + len(END_MARK):]
-    else:
-        text = text.rstrip() + "\n\n## Against fine-tuning (LoRA, full)\n\n" + block + "\n"
-    doc.write_text(text)
+    from page import put_block
+
+    put_block(doc, TABLE_MARK, END_MARK, "Each recipe's JSON in bench/results/baselines/ holds its rows and the "
+              f"command that made them.\n\n{table}", "Against fine-tuning (LoRA, full)")
 
 
 if __name__ == "__main__":

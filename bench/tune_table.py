@@ -51,14 +51,9 @@ def table(study: optuna.Study) -> str:
 
 
 def write_doc(doc: Path, name: str, text: str) -> None:
-    start, end = marks(name)
-    page = doc.read_text() if doc.exists() else ""
-    block = f"{start}\n\n{text}\n\n{end}"
-    if start in page and end in page:
-        page = page[: page.index(start)] + block + page[page.index(end) + len(end):]
-    else:
-        page = page.rstrip() + f"\n\n## Tune: study {name}\n\n" + block + "\n"
-    doc.write_text(page)
+    from page import put_block
+
+    put_block(doc, *marks(name), text, f"Tune: study {name}")
 
 
 @click.command()
