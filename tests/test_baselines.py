@@ -112,3 +112,33 @@ def test_the_lora_baseline_exports_merged_into_its_base(tiny_model_dir, sentimen
     assert_one_error(cli("export", broken, "--output", tmp_path / "none"), "qprompt-lora.json lacks the key "
                      "'base_quant'", "qprompt job --baselines lora")
     assert not (tmp_path / "none").exists()
+
+
+def test_fine_tuning_baselines_train_with_the_soft_prompts_memory_settings(tiny_model_dir, sentiment_files, tmp_path,
+                                                                           monkeypatch):
+    """Peak memory compares methods only if every row trains alike on CPU: the lean gated MLP on every layer, SDPA on
+    grouped key/value heads during each forward, and the heap trimmed after each optimizer step."""
+    import os
+    import types
+
+    from qprompt import baselines, forward, memory
+
+    seen = {"trims": 0, "lean": [], "gqa": []}
+    monkeypatch.setattr(memory, "glibc", lambda: types.SimpleNamespace(
+        malloc_trim=lambda pad: seen.__setitem__("trims", seen["trims"] + 1)))
+    lean = memory.lean_gated_mlp
+    monkeypatch.setattr(memory, "lean_gated_mlp", lambda model: seen["lean"].append(lean(model)))
+    scored = forward.target_logprobs
+    monkeypatch.setattr(forward, "target_logprobs", lambda model, batch: (
+        seen["gqa"].append(os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")), scored(model, batch))[1])
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
+    splits = {"train": read_rows(str(sentiment_files["train"]))}
+    test = read_rows(str(sentiment_files["test"]))[:8]
+    for kind in ("lora", "full"):
+        seen.update(trims=0, lean=[], gqa=[])
+        row = baselines.finetune(kind, recipe, splits, test, "test rows", 3, tmp_path / kind)
+        config = load_model(str(tiny_model_dir), "none")[0].config
+        assert row["steps"] == 3 and seen["trims"] == 3
+        assert seen["lean"] == [config.num_hidden_layers]
+        assert seen["gqa"] and set(seen["gqa"]) == {"1"}
+    assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is None  # restored once training ends
