@@ -16,9 +16,10 @@ artifact size.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,20 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     if unknown:
         raise QPromptError(f"--baselines: unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
     return names
+
+
+def soft_prompt_batches(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """The soft prompt trainer's batches, in its order (train.py: each epoch shuffled, then grouped by length), so a
+    baseline trains on the same rows with the same padding (random batches of spam's long and short messages pad every
+    row to the batch's longest)."""
+    from .train import epoch_rng, group_by_length
+
+    for epoch in itertools.count():
+        rng = epoch_rng(seed, epoch)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        order = group_by_length(order, lengths, batch_size, rng)
+        yield from (order[j : j + batch_size] for j in range(0, len(order), batch_size))
 
 
 def score_kshot(model, tokenizer, recipe: RecipeConfig, train_rows: list[dict], test: list[dict], where: str,
@@ -101,10 +116,10 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     encoder = Encoder(recipe, tokenizer, 0)
     examples = encoder.encode_all(splits["train"], "training data")
     batch_size = min(cfg.batch_size, len(examples))
+    batches = soft_prompt_batches([len(e.prompt_ids) for e in examples], batch_size, cfg.seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     schedule_cfg = type(cfg)(**{**cfg.__dict__, "max_steps": steps})  # the schedule ends where training ends
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_cfg))
-    rng, order = random.Random(cfg.seed), []
     torch.manual_seed(cfg.seed)
     model.train()
     log.info("%s baseline: %d steps of batch %d at lr %g (%s base)", kind, steps, batch_size, lr, quant)
@@ -113,11 +128,7 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     with scope, PeakMemory(model.device) as memory:
         while step < steps:
             for _ in range(cfg.grad_accum):
-                if len(order) < batch_size:  # a new epoch, shuffled
-                    order = list(range(len(examples)))
-                    rng.shuffle(order)
-                picked, order = order[:batch_size], order[batch_size:]
-                batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in picked],
+                batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in next(batches)],
                                                                    tokenizer.pad_token_id).items()}
                 logp, counts = target_logprobs(model, batch)
                 (-logp.sum() / counts.sum() / cfg.grad_accum).backward()

@@ -67,6 +67,23 @@ def lr_lambda(cfg) -> callable:
     return f
 
 
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    """The random stream that orders one epoch's rows."""
+    return random.Random(seed * 1000 + epoch)
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+    """`order` regrouped so that each run of batch_size rows has similar lengths (less padding): sorted by length
+    within pools of 32 batches, then the batches shuffled. A last partial batch is dropped; the next epoch's
+    shuffle covers its rows."""
+    pool, groups = batch_size * 32, []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lengths.__getitem__)
+        groups += [chunk[j : j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(groups)
+    return [i for g in groups for i in g]
+
+
 def run_names(output: Path) -> set[str]:
     """The names in `output` that an earlier run wrote (per its record)."""
     if owned.has_record(output):
@@ -407,15 +424,9 @@ class Trainer:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """A shuffled order in which each run of batch_size rows has similar lengths (less padding)."""
-        rng = random.Random(self.cfg.seed * 1000 + epoch)
+        rng = epoch_rng(self.cfg.seed, epoch)
         order = self._epoch_rows(epoch, rng)
-        size, pool = self.batch_size, self.batch_size * 32
-        groups = []
-        for start in range(0, len(order), pool):  # sort within pools of 32 batches, then shuffle the batches
-            chunk = sorted(order[start : start + pool], key=lambda i: len(self.examples[i].prompt_ids))
-            groups += [chunk[j : j + size] for j in range(0, len(chunk) - size + 1, size)]
-        rng.shuffle(groups)  # a last partial batch is dropped; the next epoch's shuffle covers its rows
-        return [i for g in groups for i in g]
+        return group_by_length(order, [len(e.prompt_ids) for e in self.examples], self.batch_size, rng)
 
     def _epoch_rows(self, epoch: int, rng: random.Random) -> list[int]:
         """The training examples one epoch visits, shuffled: all of them."""

@@ -142,3 +142,32 @@ def test_fine_tuning_baselines_train_with_the_soft_prompts_memory_settings(tiny_
         assert seen["lean"] == [config.num_hidden_layers]
         assert seen["gqa"] and set(seen["gqa"]) == {"1"}
     assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is None  # restored once training ends
+
+
+def test_fine_tuning_baselines_train_on_the_soft_prompts_batches(tiny_model_dir, sentiment_files, tmp_path,
+                                                                 monkeypatch):
+    """Same rows, same batches, same order (and so the same padding) as the soft prompt's trainer: the rows
+    compare methods, not batchings. Thirteen steps of 8 over the 96 training rows cross into a second epoch."""
+    from qprompt import baselines, data, train
+
+    def recorder(module, seen):
+        collate = module.collate
+
+        def record(examples, *args, **kwargs):
+            seen.append([tuple(e.prompt_ids) for e in examples])
+            return collate(examples, *args, **kwargs)
+        monkeypatch.setattr(module, "collate", record)
+
+    trained, tuned = [], []
+    recorder(train, trained)
+    args = ["train", "--recipe", "sentiment", "--model", tiny_model_dir, "--quant", "nf4", "--data",
+            sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 13,
+            "--virtual-tokens", 4, "--output", tmp_path / "soft", "train.batch_size=8", "train.eval_every=0"]
+    assert cli(*args).exit_code == 0
+    recorder(data, tuned)
+    recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
+    splits = {"train": read_rows(str(sentiment_files["train"]))}
+    baselines.finetune("lora", recipe, splits, read_rows(str(sentiment_files["test"]))[:8], "test rows", 13,
+                       tmp_path / "lora")
+    assert len(splits["train"]) < 13 * 8
+    assert len(trained) == 13 and tuned[:13] == trained
