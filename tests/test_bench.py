@@ -118,6 +118,9 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
     assert set(again["deploy"]["rows"]) == {"soft_prompt"}  # the retrained LoRA's old graph is no longer its own
 
     # A --work without a soft prompt trains one (new recipe defaults): the old row is recorded, its graph dropped.
+    # The page's table keeps every recipe measured before (a scoring JSON beside them is not a recipe's report).
+    (tmp_path / "results" / "spam.json").write_text(json.dumps(again))
+    (tmp_path / "results" / "sentiment-int4.json").write_text('{"accuracy": 0.5}')
     done = bench("baselines.py", "--recipes", "sentiment", "--budget", "steps", "--rerun", "lora", "--work",
                  tmp_path / "work2", "--results", tmp_path / "results", "--doc", doc, "--no-deploy", "--", *job,
                  "train.seed=1")
@@ -125,6 +128,8 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
     third = json.loads((tmp_path / "results" / "sentiment.json").read_text())
     assert third["output"] == str(tmp_path / "work2" / "sentiment") and not third["deploy"]["rows"]
     assert third["reruns"][1]["replaced"]["soft_prompt"] == again["soft_prompt"]
+    recipes = [line.split(" | ")[0] for line in doc.read_text().splitlines() if line.startswith("| s")]
+    assert recipes == ["| sentiment"] * 3 + ["| spam"] * 3
 
 
 def test_the_quality_benchmark_writes_its_rows_and_table(tiny_model_dir, tmp_path):
