@@ -104,8 +104,7 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = recipe.train
     # The soft prompt's trainer's memory settings (train.py), so the rows' peak memory compares the methods, not
-    # the settings: the lean gated MLP, and on CPU SDPA on grouped key/value heads and a heap trimmed every step
-    # (without them, LoRA on spam's longer rows peaked at 17.6 GB against the soft prompt's 5.4).
+    # the settings: the lean gated MLP, and on CPU SDPA on grouped key/value heads and a heap trimmed every step.
     lean_gated_mlp(model)
     scope, libc = contextlib.ExitStack(), None
     if model.device.type == "cpu":
