@@ -54,13 +54,11 @@ def soft_prompt_batches(lengths: list[int], batch_size: int, seed: int) -> Itera
     """The soft prompt trainer's batches, in its order (train.py: each epoch shuffled, then grouped by length), so a
     baseline trains on the same rows with the same padding (random batches of spam's long and short messages pad every
     row to the batch's longest)."""
-    from .train import epoch_rng, group_by_length
+    from .train import epoch_rng, group_by_length, shuffled_rows
 
     for epoch in itertools.count():
         rng = epoch_rng(seed, epoch)
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        order = group_by_length(order, lengths, batch_size, rng)
+        order = group_by_length(shuffled_rows(len(lengths), rng), lengths, batch_size, rng)
         yield from (order[j : j + batch_size] for j in range(0, len(order), batch_size))
 
 
@@ -79,15 +77,13 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
              seconds: float | None = None) -> dict:
     """Train the `kind` ("lora" or "full") baseline for `steps` steps — or, given `seconds`, for as many steps as
     fit in that training time — then score it on `test`; returns its row."""
-    import contextlib
-
     import torch
     from peft import LoraConfig, get_peft_model
 
     from .data import Encoder, collate
     from .evaluate import evaluate
     from .forward import target_logprobs
-    from .memory import PeakMemory, glibc, grouped_query_sdpa, lean_gated_mlp, return_freed_memory_to_the_os
+    from .memory import PeakMemory, training_settings
     from .models import load_model
     from .train import lr_lambda
 
@@ -103,15 +99,6 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
         lr = FULL_LR
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = recipe.train
-    # The soft prompt's trainer's memory settings (train.py), so the rows' peak memory compares the methods, not
-    # the settings: the lean gated MLP, and on CPU SDPA on grouped key/value heads and a heap trimmed every step.
-    lean_gated_mlp(model)
-    scope, libc = contextlib.ExitStack(), None
-    if model.device.type == "cpu":
-        scope.enter_context(grouped_query_sdpa())
-        libc = glibc()
-        if cfg.lean_memory:
-            return_freed_memory_to_the_os()
     encoder = Encoder(recipe, tokenizer, 0)
     examples = encoder.encode_all(splits["train"], "training data")
     batch_size = min(cfg.batch_size, len(examples))
@@ -124,7 +111,8 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
     log.info("%s baseline: %d steps of batch %d at lr %g (%s base)", kind, steps, batch_size, lr, quant)
     start = now = time.perf_counter()
     step, timed_at = 0, min(1 + TIMED_STEPS, steps) if seconds is not None else None
-    with scope, PeakMemory(model.device) as memory:
+    # The soft prompt trainer's memory settings, so the rows' peak memory compares the methods, not the settings.
+    with training_settings(model, cfg.lean_memory) as after_step, PeakMemory(model.device) as memory:
         while step < steps:
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in next(batches)],
@@ -136,8 +124,7 @@ def finetune(kind: str, recipe: RecipeConfig, splits: dict[str, list[dict]], tes
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if libc is not None:
-                libc.malloc_trim(0)
+            after_step()
             step += 1
             if seconds is None:
                 continue

@@ -131,6 +131,26 @@ def return_freed_memory_to_the_os() -> None:
         libc.mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
 
 
+@contextlib.contextmanager
+def training_settings(model, lean_memory: bool = False):
+    """The memory settings every qprompt training loop runs under (the soft prompt trainer and the fine-tuning
+    baselines alike, so peak memory compares methods, not settings): the lean gated MLP; on CPU, SDPA on grouped
+    key/value heads and, with `lean_memory`, freed activations handed straight back to the OS. Yields the function
+    to call after each optimizer step: on glibc it trims the heap, whose free pages would otherwise stay resident
+    while batches of other lengths carve them up, so the resident size creeps above one step's needs (SmolLM2-135M
+    nf4, batch 16, 20 steps: peak RSS 4.97 GiB without the trim, 4.42 with it)."""
+    lean_gated_mlp(model)
+    libc = glibc() if model.device.type == "cpu" else None
+    after_step = (lambda: libc.malloc_trim(0)) if libc is not None else (lambda: None)
+    if model.device.type != "cpu":
+        yield after_step
+        return
+    if lean_memory:
+        return_freed_memory_to_the_os()
+    with grouped_query_sdpa():
+        yield after_step
+
+
 class PeakMemory:
     """The highest memory use while the block runs: CUDA's allocator peak on a GPU, else the process's resident
     size sampled every 20 ms (the process-lifetime peak from getrusage would include earlier work)."""

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,14 +33,7 @@ from .errors import Interrupted, QPromptError
 from .evaluate import evaluate as evaluate_rows
 from .evaluate import main_metric
 from .forward import target_logprobs
-from .memory import (
-    PeakMemory,
-    enable_gradient_checkpointing,
-    glibc,
-    grouped_query_sdpa,
-    lean_gated_mlp,
-    return_freed_memory_to_the_os,
-)
+from .memory import PeakMemory, enable_gradient_checkpointing, training_settings
 from .methods import add_soft_prompt, trainable_parameters
 from .models import ModelInfo
 from .tracking import FILES as TRACKER_FILES
@@ -70,6 +64,13 @@ def lr_lambda(cfg) -> callable:
 def epoch_rng(seed: int, epoch: int) -> random.Random:
     """The random stream that orders one epoch's rows."""
     return random.Random(seed * 1000 + epoch)
+
+
+def shuffled_rows(count: int, rng: random.Random) -> list[int]:
+    """Every row index once, in the random order an epoch visits them before grouping by length."""
+    order = list(range(count))
+    rng.shuffle(order)
+    return order
 
 
 def group_by_length(order: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
@@ -311,11 +312,8 @@ class Trainer:
         self.model = model = add_soft_prompt(model, self.recipe, self.info.path, self.cfg.seed)
         if start is not None:
             copy_prompt(model, start)
-        if self.cfg.lean_memory and model.device.type == "cpu":
-            return_freed_memory_to_the_os()
         if self.cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        lean_gated_mlp(model)  # same outputs and gradients, a third fewer MLP activations kept for backward
         if saved is not None:
             # The adapter file holds only the encoder's *output*; training resumes from the encoder itself.
             model.prompt_encoder.load_state_dict(saved["prompt_encoder"])
@@ -346,10 +344,7 @@ class Trainer:
         self.window = LogWindow()
         resume_at = (state["epoch"], state["position"])
         scope = contextlib.ExitStack()  # settings that hold for the training loop only
-        libc = None  # glibc, on CPU: its heap is trimmed after every step
-        if self.model.device.type == "cpu":
-            scope.enter_context(grouped_query_sdpa())
-            libc = glibc()
+        after_step = scope.enter_context(training_settings(self.model, cfg.lean_memory))
         memory = scope.enter_context(PeakMemory(self.model.device))
         try:
             if state["step"] == 0 and state["best"] is None and self.recipe.method.init_from:
@@ -360,7 +355,7 @@ class Trainer:
                           f"{value:.4f}")
             while not self._stop_reason():
                 resume_at = (state["epoch"], state["position"])  # where an interrupted step restarts
-                self._step(libc)
+                self._step(after_step)
                 bar.update(1)
                 if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
                     bar.set_postfix(self._log_window())
@@ -396,7 +391,7 @@ class Trainer:
             return "patience"
         return ""
 
-    def _step(self, libc) -> None:
+    def _step(self, after_step: Callable[[], None]) -> None:
         """One optimizer step: grad_accum micro-batches forward and backward, then clip and update."""
         cfg, state, window = self.cfg, self.state, self.window
         step_start = time.perf_counter()
@@ -414,11 +409,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if libc is not None:
-            # Hand the heap's free pages back to the OS: otherwise freed activations stay resident, and
-            # batches of other lengths carve up the freed space so the resident size creeps above one
-            # step's needs (SmolLM2-135M nf4, batch 16, 20 steps: peak RSS 4.97 GiB without, 4.42 with).
-            libc.malloc_trim(0)
+        after_step()
         state["step"] += 1
         state["seconds"] += time.perf_counter() - step_start
 
@@ -430,9 +421,7 @@ class Trainer:
 
     def _epoch_rows(self, epoch: int, rng: random.Random) -> list[int]:
         """The training examples one epoch visits, shuffled: all of them."""
-        order = list(range(len(self.examples)))
-        rng.shuffle(order)
-        return order
+        return shuffled_rows(len(self.examples), rng)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         return collate([self.examples[i] for i in self._next_rows()], self.tokenizer.pad_token_id)

@@ -117,7 +117,8 @@ def test_the_lora_baseline_exports_merged_into_its_base(tiny_model_dir, sentimen
 def test_fine_tuning_baselines_train_with_the_soft_prompts_memory_settings(tiny_model_dir, sentiment_files, tmp_path,
                                                                            monkeypatch):
     """Peak memory compares methods only if every row trains alike on CPU: the lean gated MLP on every layer, SDPA on
-    grouped key/value heads during each forward, and the heap trimmed after each optimizer step."""
+    grouped key/value heads during each forward, and the heap trimmed after each optimizer step — for LoRA, full
+    fine-tuning and the soft prompt alike."""
     import os
     import types
 
@@ -134,13 +135,19 @@ def test_fine_tuning_baselines_train_with_the_soft_prompts_memory_settings(tiny_
     recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
     splits = {"train": read_rows(str(sentiment_files["train"]))}
     test = read_rows(str(sentiment_files["test"]))[:8]
-    for kind in ("lora", "full"):
+    layers = load_model(str(tiny_model_dir), "none")[0].config.num_hidden_layers
+    for kind in ("lora", "full", "soft prompt"):
         seen.update(trims=0, lean=[], gqa=[])
-        row = baselines.finetune(kind, recipe, splits, test, "test rows", 3, tmp_path / kind)
-        config = load_model(str(tiny_model_dir), "none")[0].config
-        assert row["steps"] == 3 and seen["trims"] == 3
-        assert seen["lean"] == [config.num_hidden_layers]
-        assert seen["gqa"] and set(seen["gqa"]) == {"1"}
+        if kind == "soft prompt":
+            result = cli("train", "--model", tiny_model_dir, "--recipe", "sentiment", "--quant", "nf4", "--data",
+                         sentiment_files["train"], "--eval-data", sentiment_files["validation"], "--max-steps", 3,
+                         "--virtual-tokens", 4, "--output", tmp_path / "soft", "train.batch_size=8")
+            assert result.exit_code == 0, result.output
+        else:
+            assert baselines.finetune(kind, recipe, splits, test, "test rows", 3, tmp_path / kind)["steps"] == 3
+        assert seen["trims"] == 3, kind
+        assert seen["lean"] == [layers], kind
+        assert seen["gqa"] and set(seen["gqa"]) == {"1"}, kind
     assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") is None  # restored once training ends
 
 
