@@ -398,7 +398,7 @@ def train(model_name, recipe, config, data, eval_data, quant, compute_dtype, dev
     t, m = result["training"], result["metrics"]
     metric = next(k for k in m if k.startswith("validation_") and k != "validation_rows")
     click.echo(f"saved soft prompt to {output} ({metric.removeprefix('validation_')} {m[metric]:.4f} on "
-               f"{m['validation_rows']} validation rows, best at step {t['best_step']}; {t['steps']} steps in "
+               f"{m['validation_rows']} validation rows, prompt of step {t['kept_step']}; {t['steps']} steps in "
                f"{t['wall_seconds']:.0f} s, {t['tokens_per_s']:.0f} tokens/s)")
 
 
@@ -451,7 +451,7 @@ def multitask(recipe_names, output, model_name, quant, compute_dtype, device, da
                              report=Report(tuple(report_to)))
     tasks = ", ".join(f"{t['name']} {t['metric']} {t['validation']:.4f}" for t in result["multitask"]["tasks"]
                       if t["validation"] is not None)
-    click.echo(f"saved multitask prompt to {output} (best at step {result['training']['best_step']}: {tasks}); "
+    click.echo(f"saved multitask prompt to {output} (prompt of step {result['training']['kept_step']}: {tasks}); "
                f"start a task from it with `qprompt train --init-from {output}`")
 
 

@@ -106,8 +106,12 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 disables it")
     eval_every: int = _f(50, "evaluate on the validation rows every N steps (0: only at the end)")
-    patience: int = _f(3, "stop after this many evaluations in a row without a new best validation metric; the "
-                       "best prompt is kept (0: run all max_steps)")
+    patience: int = _f(3, "stop after this many evaluations in a row without a new best validation metric (0: run "
+                       "all max_steps)")
+    keep_within_se: float = _f(1.0, "the artifact keeps the latest evaluated prompt whose validation metric is within "
+                               "this many standard errors of the best so far: a lead of a few validation rows is "
+                               "noise, and the later prompt has trained longer (0: the strictly best, the earliest on "
+                               "a tie)")
     eval_rows: int = _f(400, "validation rows used for the periodic evaluation (0: all)")
     log_every: int = _f(5, "write a metrics line every N steps")
     seed: int = _f(0, "seed for initialisation and data order")
@@ -138,7 +142,8 @@ class RecipeConfig:
     def digest(self) -> str:
         """Hash of everything that shapes training; a resumed run must match it."""
         d = self.to_dict()
-        for key in ("max_steps", "patience"):  # when a run stops, not how it trains: extending a run is allowed
+        for key in ("max_steps", "patience", "keep_within_se"):  # when a run stops and which prompt it keeps, not
+            # how it trains: a resumed run may change them
             d["train"].pop(key)
         for section, defaults in _LATER_FIELDS.items():
             for key, default in defaults.items():
@@ -203,6 +208,7 @@ _RANGES = [
     ("train.weight_decay", 0, None), ("train.warmup_steps", 0, None), ("train.min_lr_ratio", 0, 1),
     ("train.max_grad_norm", 0, None), ("train.eval_every", 0, None), ("train.eval_rows", 0, None),
     ("train.log_every", 1, None), ("train.patience", 0, None),
+    ("train.keep_within_se", 0, None),
 ]
 
 

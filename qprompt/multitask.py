@@ -104,16 +104,19 @@ class MultitaskTrainer(Trainer):
         return batch
 
     def _validate(self) -> tuple[float, dict]:
-        metrics = {}
+        metrics, variance = {}, 0.0
         for task, (recipe, rows) in enumerate(zip(self.recipes, self.task_val_rows)):
             with prompt_task(self.model, task):
                 result = evaluate_rows(self.model, self.tokenizer, recipe, rows, f"{recipe.name} validation data")
             metrics[recipe.name] = float(result[main_metric(recipe)])
-        return sum(metrics.values()) / len(metrics), {"metric": self.metric_name, "tasks": metrics}
+            variance += float(result[main_metric(recipe) + "_se"]) ** 2
+        k = len(metrics)  # the mean of k independent task metrics
+        return sum(metrics.values()) / k, {"metric": self.metric_name, "tasks": metrics,
+                                           "standard_error": variance**0.5 / k}
 
     def _manifest_extra(self) -> dict:
-        """Each task's recipe and validation metric at the kept (best) step."""
-        best = [r for r in read_metrics(self.output) if "eval" in r and r["step"] == self.state["best_step"]]
+        """Each task's recipe and validation metric at the kept step."""
+        best = [r for r in read_metrics(self.output) if "eval" in r and r["step"] == self.state["kept_step"]]
         at_best = best[-1]["tasks"] if best else {}
         return {"multitask": {"rows_per_task_per_epoch": self.per_task, "tasks": [
             {"name": r.name, "metric": main_metric(r), "validation": at_best.get(r.name), "recipe": r.to_dict()}

@@ -186,10 +186,10 @@ def tune(recipe: RecipeConfig, splits: dict[str, list[dict]], options: TuneOptio
             trial.set_user_attr("error", str(exc))
             raise TrialFailed(str(exc)) from None
         result = trainer.save()["training"]
-        for key in ("steps", "best_step", "stopped"):
+        for key in ("steps", "best_step", "kept_step", "stopped"):
             trial.set_user_attr(key, result[key])
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
-        return trainer.state["best"]
+        return trainer.state["kept"]  # the artifact's prompt
 
     remaining = options.trials - finished(study)
     if remaining > 0:

@@ -165,6 +165,7 @@ def test_a_prompt_started_from_an_artifact_is_kept_unless_training_beats_it(tiny
     _run(tiny_recipe, sentiment_files, source, "none")
     tiny_recipe.method.init_from = str(source)
     tiny_recipe.train.lr, tiny_recipe.train.max_steps, tiny_recipe.train.eval_every = 1e4, 2, 1
+    tiny_recipe.train.keep_within_se = 0  # the random tiny model scores near chance: any prompt is within noise
     out = tmp_path / "moved"
     _run(tiny_recipe, sentiment_files, out, "int4")
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
@@ -205,6 +206,45 @@ def test_patience_stops_after_evaluations_without_a_new_best_and_keeps_the_best_
     _run(tiny_recipe, sentiment_files, tmp_path / "capped", "none")
     training = read_manifest(tmp_path / "capped")["training"]
     assert (training["steps"], training["best_step"], training["stopped"]) == (20, 2, "max_steps")
+
+
+def test_the_artifact_keeps_the_latest_prompt_within_a_standard_error_of_the_best(
+        tiny_recipe, sentiment_files, tmp_path, monkeypatch):
+    """Validation scores 0.5, 0.7, 0.6, 0.68, 0.62 with a standard error of 0.05: patience counts from the best (step
+    2) and stops at step 5, but the artifact keeps step 4's prompt, whose 0.02 deficit is noise; step 5's 0.08 is not.
+    With keep_within_se 0 the strictly best is kept."""
+    series = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.68, 5: 0.62}
+    prompts = {}
+
+    def validate(self):
+        step = self.state["step"]
+        prompts[step] = self.model.prompt_encoder["default"].embedding.weight.detach().clone()
+        return series[step], {"metric": self.metric_name, "rows": 400, "standard_error": 0.05}
+
+    monkeypatch.setattr(qtrain.Trainer, "_validate", validate)
+    tiny_recipe.train.max_steps, tiny_recipe.train.eval_every, tiny_recipe.train.patience = 20, 1, 3
+    for within, kept in ((1.0, 4), (0.0, 2)):
+        tiny_recipe.train.keep_within_se = within
+        out = tmp_path / f"within-{within}"
+        _run(tiny_recipe, sentiment_files, out, "none")
+        data = read_manifest(out)
+        assert (data["training"]["steps"], data["training"]["best_step"], data["training"]["stopped"]) == (
+            5, 2, "patience")
+        assert data["training"]["kept_step"] == kept and data["metrics"]["validation_accuracy"] == series[kept]
+        assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"], prompts[kept])
+    assert not torch.equal(prompts[2], prompts[4])
+
+
+def test_the_main_metrics_standard_error_follows_from_the_rows():
+    """Accuracy: binomial, sqrt(p (1 - p) / n); ROUGE-L: the per-row scores' sample deviation over sqrt(n)."""
+    from qprompt.metrics import task_metrics
+
+    refs = ["a"] * 8 + ["b"] * 2
+    preds = ["a"] * 8 + ["a", "b"]  # 9 of 10 right
+    assert task_metrics("classification", preds, refs, ["a", "b"])["accuracy_se"] == pytest.approx(0.3 / 10**0.5)
+    # per-row ROUGE-L: 1 (same words) and 0 (none shared): mean 0.5, sample deviation sqrt(0.5), over sqrt(2)
+    result = task_metrics("generation", ["x y", "p q"], ["x y", "r s"], [])
+    assert result["rouge_l"] == 0.5 and result["rouge_l_se"] == pytest.approx(0.5)
 
 
 def test_a_resumed_run_keeps_its_patience_count(tiny_recipe, sentiment_files, tmp_path, monkeypatch):
