@@ -122,7 +122,7 @@ def test_fine_tuning_baselines_train_with_the_soft_prompts_memory_settings(tiny_
     import os
     import types
 
-    from qprompt import baselines, forward, memory
+    from qprompt import baselines, forward, memory, train
 
     seen = {"trims": 0, "lean": [], "gqa": []}
     monkeypatch.setattr(memory, "glibc", lambda: types.SimpleNamespace(
@@ -130,8 +130,9 @@ def test_fine_tuning_baselines_train_with_the_soft_prompts_memory_settings(tiny_
     lean = memory.lean_gated_mlp
     monkeypatch.setattr(memory, "lean_gated_mlp", lambda model: seen["lean"].append(lean(model)))
     scored = forward.target_logprobs
-    monkeypatch.setattr(forward, "target_logprobs", lambda model, batch: (
-        seen["gqa"].append(os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")), scored(model, batch))[1])
+    for module in (forward, train):  # train.py holds its own reference, taken at import
+        monkeypatch.setattr(module, "target_logprobs", lambda model, batch: (
+            seen["gqa"].append(os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")), scored(model, batch))[1])
     recipe = override(load_recipe("sentiment"), model=str(tiny_model_dir), quant="nf4", train__batch_size=8)
     splits = {"train": read_rows(str(sentiment_files["train"]))}
     test = read_rows(str(sentiment_files["test"]))[:8]
