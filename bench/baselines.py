@@ -73,11 +73,15 @@ def main(recipes, baselines, budget, work, results, doc, rerun, deploy_quantize,
                 stored.get("deploy", {}).get("rows", {}).pop(name, None)
             path.write_text(json.dumps(stored, indent=1) + "\n")
         report = json.loads(path.read_text())
-        if not no_deploy:
+        if not no_deploy:  # the graphs not measured yet (a rerun drops its rows' graphs); the others are kept
             done = report.get("deploy", {})
-            wanted = [n for n in DEPLOYED if n == "soft_prompt" or n in report["baselines"]]
-            if done.get("quantize") != deploy_quantize or any(n not in done.get("rows", {}) for n in wanted):
-                report["deploy"] = deploy(recipe, report, Path(work), deploy_quantize, job_args)
+            kept = done.get("rows", {}) if done.get("quantize") == deploy_quantize else {}
+            missing = [n for n in DEPLOYED if (n == "soft_prompt" or n in report["baselines"]) and n not in kept]
+            if missing:
+                fresh = deploy(recipe, report, Path(work), deploy_quantize, job_args, missing)
+                old = [c for c in done.get("commands", []) if any(f"/deploy/{recipe}-{n}-" in c for n in kept)]
+                report["deploy"] = {"quantize": deploy_quantize, "rows": {**kept, **fresh["rows"]},
+                                    "commands": old + fresh["commands"]}
                 path.write_text(json.dumps(report, indent=1) + "\n")
         reports[recipe] = report
     for path in Path(results).glob("*.json"):  # the page's table holds every recipe measured, not just these
@@ -118,8 +122,9 @@ def option_value(args: tuple, name: str) -> str | None:
     return None
 
 
-def deploy(recipe: str, report: dict, work: Path, quantize: str, job_args: tuple) -> dict:
-    """The soft prompt and the merged LoRA exported with `quantize`, each graph scored on the job's test rows."""
+def deploy(recipe: str, report: dict, work: Path, quantize: str, job_args: tuple, names: list[str]) -> dict:
+    """Rows `names` (the soft prompt, the merged LoRA) exported with `quantize`, each graph scored on the job's test
+    rows."""
     from tasks import test_rows
 
     soft = Path(report["output"])
@@ -127,10 +132,8 @@ def deploy(recipe: str, report: dict, work: Path, quantize: str, job_args: tuple
     data = work / f"{recipe}-test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in test))
     rows, commands = {}, []
-    for name in DEPLOYED:
+    for name in names:
         artifact = soft if name == "soft_prompt" else soft / "baselines" / name
-        if name != "soft_prompt" and name not in report["baselines"]:
-            continue
         folder, scored = work / "deploy" / f"{recipe}-{name}-{quantize}", work / "deploy" / f"{recipe}-{name}.json"
         export = ["qprompt", "export", str(artifact), "--output", str(folder), "--quantize", quantize, "--overwrite"]
         score = ["qprompt", "eval", str(folder), "--data", str(data), "--json", str(scored)]

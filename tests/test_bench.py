@@ -117,6 +117,16 @@ def test_the_baselines_benchmark_writes_the_jobs_table(tiny_model_dir, sentiment
     assert not (tmp_path / "results" / "sentiment.rerun.json").exists()
     assert set(again["deploy"]["rows"]) == {"soft_prompt"}  # the retrained LoRA's old graph is no longer its own
 
+    # The next run with deploy on exports only the graph missing: the soft prompt's row is kept as it was.
+    done = bench("baselines.py", "--recipes", "sentiment", "--work", tmp_path / "work", "--results",
+                 tmp_path / "results", "--doc", doc, "--deploy-quantize", "none", "--", *job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads((tmp_path / "results" / "sentiment.json").read_text())
+    assert again["deploy"]["rows"]["soft_prompt"] == report["deploy"]["rows"]["soft_prompt"]
+    assert again["deploy"]["rows"]["lora"]["rows"] == 32
+    assert [c.split()[2] for c in again["deploy"]["commands"] if c.startswith("qprompt export")] == [
+        str(tmp_path / "work" / "sentiment"), str(tmp_path / "work" / "sentiment" / "baselines" / "lora")]
+
     # A --work without a soft prompt trains one (new recipe defaults): the old row is recorded, its graph dropped.
     # The page's table keeps every recipe measured before (a scoring JSON beside them is not a recipe's report).
     (tmp_path / "results" / "spam.json").write_text(json.dumps(again))
