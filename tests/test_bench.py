@@ -63,6 +63,25 @@ def test_the_train_speed_benchmark_runs_both_trainers(tmp_path):
         result["runs"]["peft-trainer"]["tokens_per_s"]
 
 
+def test_the_lora_memory_benchmark_trains_on_the_longest_rows_once_per_dropout(tiny_model_dir, sentiment_files,
+                                                                              tmp_path):
+    from qprompt.config import load_recipe
+    from qprompt.data import Encoder, load_splits
+    from qprompt.models import load_model
+
+    out = tmp_path / "lora.json"
+    done = bench("lora_memory.py", "--recipe", "sentiment", "--model", tiny_model_dir, "--data",
+                 sentiment_files["train"], "--dropouts", "0.05,0", "--steps", 2, "--batch", 4, "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    tokenizer, recipe = load_model(str(tiny_model_dir), "none")[1], load_recipe("sentiment")
+    train = load_splits(recipe, str(sentiment_files["train"]))["train"]  # the file less its validation rows
+    lengths = sorted((len(e.prompt_ids) for e in Encoder(recipe, tokenizer, 0).encode_all(train, "rows")),
+                     reverse=True)
+    assert [r["dropout"] for r in rows] == [0.05, 0.0]
+    assert all(r["tokens_per_row"] == lengths[7] and r["peak_memory_gb"] > 0 for r in rows)  # the 8 longest rows
+
+
 def test_the_tasks_benchmark_scores_each_task_in_the_task_graph_as_in_its_own(artifact_factory, sentiment_files,
                                                                             tmp_path):
     artifacts = {"pt": artifact_factory(), "prefix": artifact_factory(method__name="prefix-tuning",
