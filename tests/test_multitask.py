@@ -174,7 +174,8 @@ def test_init_from_starts_a_new_task_at_the_saved_prompt(multitask_artifact, tin
 def test_init_from_refuses_what_cannot_start_the_prompt(multitask_artifact, tiny_model_dir, tmp_path):
     output, _, _ = multitask_artifact
     model, _, info = load_model(str(tiny_model_dir), "none")
-    recipe = override(load_recipe("nli"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=6)
+    recipe = override(load_recipe("nli"), model=str(tiny_model_dir), quant="none", method__virtual_tokens=6,
+                      method__name="prompt-tuning")
     fresh = add_soft_prompt(model, recipe, str(tiny_model_dir))
     with pytest.raises(QPromptError, match="has 4 virtual tokens, this run 6: pass --virtual-tokens 4"):
         start_from_artifact(fresh, "prompt-tuning", output, info.fingerprint)
