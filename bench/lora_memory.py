@@ -26,11 +26,11 @@ def measure(recipe_name: str, dropout: float, steps: int, batch: int, model: str
     from qprompt import baselines
     from qprompt.config import load_recipe, override
     from qprompt.data import Encoder, load_splits
-    from qprompt.models import load_model
+    from qprompt.models import load_tokenizer, resolve_model
 
     recipe = override(load_recipe(recipe_name), model=model)
     splits = load_splits(recipe, data)
-    _, tokenizer, _ = load_model(recipe.model, "none")
+    tokenizer = load_tokenizer(resolve_model(recipe.model))  # the rows' lengths only: no model in memory beside
     encoded = Encoder(recipe, tokenizer, 0).encode_all(splits["train"], "training data")
     longest = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].prompt_ids))[: batch * steps]
     rows = [splits["train"][i] for i in longest]

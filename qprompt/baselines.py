@@ -38,7 +38,7 @@ KSHOT = 4  # demonstrations in front of each kshot input
 # 1e-4 to 2e-4 for far larger models and longer runs); full fine-tuning's is the usual 2e-5 to 1e-4 band's middle.
 # No dropout: PEFT drops out each adapted layer's input separately, a copy per layer kept for the backward pass. On
 # spam's longest rows (SmolLM2-135M nf4, batch 16; bench/lora_memory.py) dropout 0.05 took peak memory from 10.5 to
-# 14.0 GB and each step 1.4x as long: at equal training time, fewer steps for LoRA (spam 112 against 133).
+# 14.0 GB and each step 1.4-1.6x as long (two runs): at equal training time, fewer LoRA steps (spam 112 against 133).
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lr": 5e-4}
 FULL_LR = 5e-5
 BUDGETS = ("steps", "time")
