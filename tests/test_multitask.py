@@ -200,7 +200,7 @@ def test_init_from_refuses_what_cannot_start_the_prompt(multitask_artifact, tiny
 def test_a_recipe_digest_is_unchanged_by_the_new_method_fields():
     # The digest of the sentiment recipe (with its settings of then) before init_from and tasks existed: its
     # checkpoints still resume.
-    old = override(load_recipe("sentiment"), method__virtual_tokens=20, train__lr=0.03)
+    old = override(load_recipe("sentiment"), method__name="prompt-tuning", method__virtual_tokens=20, train__lr=0.03)
     assert old.digest() == "bad2fde019151249"
     changed = override(load_recipe("sentiment"), method__init_from="runs/x")
     assert changed.digest() != load_recipe("sentiment").digest()

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import qprompt.train as qtrain
 from qprompt.cli import main
+from qprompt.config import load_recipe
 from tests.kit import ctrl_c_at
 
 OPTIONS = ["--virtual-tokens", 4, "--max-steps", 4, "--batch-size", 8, "--eval-every", 2, "--lr", 0.1, "--quant",
@@ -53,7 +54,8 @@ def test_tensorboard_and_mlflow_hold_the_run(tiny_model_dir, sentiment_files, tm
     assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "validation_accuracy")] == evals
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
-    assert run.data.params["train.lr"] == "0.1" and run.data.params["method.name"] == "prompt-tuning"
+    assert run.data.params["train.lr"] == "0.1"
+    assert run.data.params["method.name"] == load_recipe("sentiment").method.name
     names = {a.path for a in client.list_artifacts(run.info.run_id, "artifact")}
     assert {"artifact/adapter_model.safetensors", "artifact/qprompt.json"} <= names
 
