@@ -11,7 +11,7 @@ Supports:
 
 The job's steps are qprompt/pipeline.py's train_and_compare (what `qprompt job` runs);
 defaults live in sentiment.yaml beside this file. Run:
-  python recipes/sentiment.py                              # the whole job, ~10 minutes on 2 CPU cores
+  python recipes/sentiment.py                              # the whole job, 11-28 minutes on 2 CPU cores (by CPU)
   python recipes/sentiment.py --quant none --max-steps 50  # override any default
 """
 
